@@ -1,0 +1,1835 @@
+//! Configuration: TOML text -> `RawConfig` (serde, unknown keys refused) -> `validate()` -> `Config`.
+//!
+//! Key names follow coturn's `turnserver.conf` so that operators recognise them. Every error names
+//! the key and, where the TOML parser knows it, the line.
+//!
+//! Every raw field is wrapped in [`toml::Spanned`], so a value that parses as TOML but is refused
+//! by validation (a port range upside down, a private address that is not a relay address, ...)
+//! is reported with the 1-based line it was written on. Syntax errors, unknown keys and values of
+//! the wrong TOML type are reported with the toml crate's own line/column text.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use toml::Spanned;
+
+/// A user's long-term credential as stored in the config.
+#[derive(Clone, PartialEq, Eq)]
+pub enum UserKey {
+    /// A plain password; the key is MD5(username ":" realm ":" password) (RFC 8489 9.2.2).
+    Password(String),
+    /// The precomputed 16-byte MD5 key ("0x" followed by 32 hex digits in the file).
+    Ha1([u8; 16]),
+}
+
+impl std::fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserKey::Password(_) => f.write_str("Password(..)"),
+            UserKey::Ha1(_) => f.write_str("Ha1(..)"),
+        }
+    }
+}
+
+/// One `external-ip` entry: the address advertised to clients, and optionally the private local
+/// address it maps to (1:1 NAT). Without `private`, the mapping applies to every relay address
+/// that no entry with a `private` address maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExternalIp {
+    /// The address clients are told (in XOR-RELAYED-ADDRESS).
+    pub public: IpAddr,
+    /// The relay address this entry maps; `None` for the entry that covers the relay addresses
+    /// no other entry maps.
+    pub private: Option<IpAddr>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on (`listening-ips`); may hold wildcards.
+    pub listening_ips: Vec<IpAddr>,
+    /// Port to listen on, for UDP and TCP (`listening-port`); never 0.
+    pub listening_port: u16,
+    /// No UDP listener (`no-udp`).
+    pub no_udp: bool,
+    /// No TCP listener (`no-tcp`); never true together with `no_udp`.
+    pub no_tcp: bool,
+    /// Concrete local addresses relays are allocated on (`relay-ips`, else the listening
+    /// addresses that are not wildcards); never empty, never a wildcard.
+    pub relay_ips: Vec<IpAddr>,
+    /// Public addresses advertised instead of relay addresses (`external-ip`), in file order.
+    pub external_ips: Vec<ExternalIp>,
+    /// Lowest relay port (`min-port`); at least 1024.
+    pub min_port: u16,
+    /// Highest relay port (`max-port`); at least `min_port`.
+    pub max_port: u16,
+    /// Realm for long-term credentials (`realm`).
+    pub realm: String,
+    /// Add FINGERPRINT to responses (`fingerprint`).
+    pub fingerprint: bool,
+    /// `true` unless the operator wrote `no-auth = true`.
+    pub auth: bool,
+    /// Sorted by name, unique.
+    pub users: Vec<(String, UserKey)>,
+    /// Longest allocation lifetime granted, in seconds (`max-allocate-lifetime`); at least 60.
+    pub max_allocate_lifetime: u32,
+    /// Lifetime of an allocation whose request names none, in seconds
+    /// (`default-allocate-lifetime`); at least 60, at most `max_allocate_lifetime`.
+    pub default_allocate_lifetime: u32,
+    /// Nonce lifetime in seconds (`stale-nonce`); at least 1.
+    pub stale_nonce: u32,
+    /// Allow peers on loopback addresses (`allow-loopback-peers`).
+    pub allow_loopback_peers: bool,
+    /// SOFTWARE attribute value (`software`); empty means no SOFTWARE attribute.
+    pub software: String,
+    /// One of "error", "warn", "info", "debug", "trace" (`log-level`).
+    pub log_level: String,
+}
+
+/// Default `listening-port`: the IANA STUN/TURN port.
+const DEFAULT_LISTENING_PORT: u16 = 3478;
+/// Default `min-port`: the start of the IANA dynamic port range.
+const DEFAULT_MIN_PORT: u16 = 49152;
+/// Default `max-port`.
+const DEFAULT_MAX_PORT: u16 = 65535;
+/// Default `realm`.
+const DEFAULT_REALM: &str = "turnserver.local";
+/// Default `max-allocate-lifetime`, in seconds.
+const DEFAULT_MAX_ALLOCATE_LIFETIME: u32 = 3600;
+/// Default `default-allocate-lifetime`, in seconds (RFC 8656 section 3.2: 10 minutes).
+const DEFAULT_ALLOCATE_LIFETIME: u32 = 600;
+/// Default `stale-nonce`, in seconds.
+const DEFAULT_STALE_NONCE: u32 = 600;
+/// Default `log-level`.
+const DEFAULT_LOG_LEVEL: &str = "info";
+/// The values `log-level` accepts.
+const LOG_LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// Shortest allocation lifetime accepted for `default-allocate-lifetime` and
+/// `max-allocate-lifetime`, in seconds.
+const MIN_LIFETIME: u32 = 60;
+/// Lowest `min-port` accepted: relays never take privileged ports.
+const MIN_RELAY_PORT: u16 = 1024;
+/// Longest realm and SOFTWARE value, in bytes (RFC 8489 sections 14.9 and 14.14).
+const MAX_TEXT_BYTES: usize = 763;
+/// Longest user name accepted, in bytes.
+const MAX_USERNAME_BYTES: usize = 513;
+
+/// The `SOFTWARE` attribute value sent when the config does not set `software`.
+fn default_software() -> String {
+    format!("turnserver {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Reads and validates the configuration file at `path`.
+///
+/// # Errors
+///
+/// An unreadable file gives an error naming the path and the OS error; every other error is the
+/// one [`parse`] gives, prefixed with the path.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+        file: Some(path.to_path_buf()),
+        line: None,
+        key: None,
+        kind: ErrorKind::Read(err),
+    })?;
+    parse(&text).map_err(|mut err| {
+        err.file = Some(path.to_path_buf());
+        err
+    })
+}
+
+/// Parses and validates configuration text.
+///
+/// # Errors
+///
+/// Invalid TOML, an unknown key, a value of the wrong type, or a value or combination of values
+/// that validation refuses; the error names the key and, when known, the line.
+pub fn parse(text: &str) -> Result<Config, ConfigError> {
+    let raw: RawConfig = toml::from_str(text).map_err(|err| toml_error(text, &err))?;
+    raw.validate(text)
+}
+
+/// Why a configuration was refused.
+///
+/// The message names the offending key and, when known, the 1-based line
+/// (`line 7: min-port (60000) is greater than max-port (50000)`).
+#[derive(Debug)]
+pub struct ConfigError {
+    file: Option<PathBuf>,
+    line: Option<usize>,
+    key: Option<String>,
+    kind: ErrorKind,
+}
+
+#[derive(Debug)]
+enum ErrorKind {
+    /// The file could not be read.
+    Read(std::io::Error),
+    /// The toml crate refused the text; its message carries its own line/column context.
+    Toml(String),
+    /// The text is valid TOML but a value was refused.
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// The 1-based line of the offending value, when known.
+    #[must_use]
+    pub fn line(&self) -> Option<usize> {
+        self.line
+    }
+
+    /// The offending key (`min-port`, `users.alice`), when known.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The file the configuration was loaded from, when it came from [`load`].
+    #[must_use]
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let file = self.file.as_deref().map(Path::display);
+        if let ErrorKind::Read(err) = &self.kind {
+            return match file {
+                Some(file) => write!(f, "cannot read {file}: {err}"),
+                None => write!(f, "cannot read the configuration: {err}"),
+            };
+        }
+        if let Some(file) = file {
+            write!(f, "{file}: ")?;
+        }
+        match (&self.kind, &self.key, self.line) {
+            // The toml text shows the offending line, which for a value in a multi-line array or
+            // a table does not always show the key: name it unless the message already does.
+            (ErrorKind::Toml(text), Some(key), _) if !text.contains(&format!("`{key}`")) => {
+                write!(f, "{key}: {text}")
+            }
+            (ErrorKind::Toml(text), _, _) => f.write_str(text),
+            (ErrorKind::Invalid(message), _, Some(line)) => write!(f, "line {line}: {message}"),
+            (ErrorKind::Invalid(message), _, None) => f.write_str(message),
+            (ErrorKind::Read(_), _, _) => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            ErrorKind::Read(err) => Some(err),
+            ErrorKind::Toml(_) | ErrorKind::Invalid(_) => None,
+        }
+    }
+}
+
+/// Converts a toml crate error, keeping its text and adding the line and the key it concerns.
+fn toml_error(text: &str, err: &toml::de::Error) -> ConfigError {
+    let span = err.span();
+    ConfigError {
+        file: None,
+        line: span.as_ref().map(|span| line_at(text, span.start)),
+        key: span.and_then(|span| key_at(text, span.start)),
+        kind: ErrorKind::Toml(err.to_string().trim_end().to_owned()),
+    }
+}
+
+/// The 1-based line holding byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&byte| byte == b'\n')
+        .count()
+        + 1
+}
+
+/// The dotted key whose name or value covers byte `offset` of `text`, if `text` is valid TOML.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut path = key_path(root.get_ref(), offset)?;
+    path.reverse();
+    Some(path.join("."))
+}
+
+/// The key path (innermost first) covering `offset`. A `[table]`'s span is only its header, so
+/// tables are searched inside before their own span is tried.
+fn key_path(table: &toml::de::DeTable<'_>, offset: usize) -> Option<Vec<String>> {
+    let covers = |span: Range<usize>| span.start <= offset && offset < span.end.max(span.start + 1);
+    for (key, value) in table {
+        if let toml::de::DeValue::Table(inner) = value.get_ref() {
+            if let Some(mut path) = key_path(inner, offset) {
+                path.push(key.get_ref().to_string());
+                return Some(path);
+            }
+        }
+        if covers(key.span()) || covers(value.span()) {
+            return Some(vec![key.get_ref().to_string()]);
+        }
+    }
+    None
+}
+
+/// The `external-ip` value as written: one string, or an array of strings.
+#[derive(Debug)]
+enum ExternalIpField {
+    One(String),
+    Many(Vec<Spanned<String>>),
+}
+
+impl<'de> Deserialize<'de> for ExternalIpField {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldVisitor;
+
+        impl<'de> Visitor<'de> for FieldVisitor {
+            type Value = ExternalIpField;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "a string \"PUBLIC\" or \"PUBLIC/PRIVATE\", or an array of such strings",
+                )
+            }
+
+            fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
+                Ok(ExternalIpField::One(value.to_owned()))
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = seq.next_element::<Spanned<String>>()? {
+                    entries.push(entry);
+                }
+                Ok(ExternalIpField::Many(entries))
+            }
+        }
+
+        deserializer.deserialize_any(FieldVisitor)
+    }
+}
+
+/// The configuration file as written, before validation. Every key is optional; absent keys take
+/// their defaults in [`RawConfig::validate`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    listening_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    listening_port: Option<Spanned<u16>>,
+    no_udp: Option<Spanned<bool>>,
+    no_tcp: Option<Spanned<bool>>,
+    relay_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    external_ip: Option<Spanned<ExternalIpField>>,
+    min_port: Option<Spanned<u16>>,
+    max_port: Option<Spanned<u16>>,
+    realm: Option<Spanned<String>>,
+    fingerprint: Option<Spanned<bool>>,
+    lt_cred_mech: Option<Spanned<bool>>,
+    no_auth: Option<Spanned<bool>>,
+    users: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    max_allocate_lifetime: Option<Spanned<u32>>,
+    default_allocate_lifetime: Option<Spanned<u32>>,
+    stale_nonce: Option<Spanned<u32>>,
+    allow_loopback_peers: Option<Spanned<bool>>,
+    software: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
+}
+
+/// Builds validation errors that carry the line of the offending value.
+struct Checker<'a> {
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn error(&self, key: &str, span: Option<Range<usize>>, message: String) -> ConfigError {
+        ConfigError {
+            file: None,
+            line: span.map(|span| line_at(self.text, span.start)),
+            key: Some(key.to_owned()),
+            kind: ErrorKind::Invalid(message),
+        }
+    }
+
+    /// Parses one address of a `listening-ips` / `relay-ips` array.
+    fn ip(&self, key: &str, value: &Spanned<String>) -> Result<IpAddr, ConfigError> {
+        let text = value.get_ref();
+        let ip: IpAddr = text.parse().map_err(|_| {
+            self.error(
+                key,
+                Some(value.span()),
+                format!("{key}: {text:?} is not an IP address"),
+            )
+        })?;
+        if ip.is_multicast() {
+            return Err(self.error(
+                key,
+                Some(value.span()),
+                format!("{key}: {ip} is a multicast address"),
+            ));
+        }
+        Ok(ip)
+    }
+
+    /// Parses an array of addresses, refusing duplicates.
+    fn ip_list(&self, key: &str, values: &[Spanned<String>]) -> Result<Vec<IpAddr>, ConfigError> {
+        let mut ips: Vec<IpAddr> = Vec::with_capacity(values.len());
+        for value in values {
+            let ip = self.ip(key, value)?;
+            if ips.contains(&ip) {
+                return Err(self.error(
+                    key,
+                    Some(value.span()),
+                    format!("{key}: {ip} is listed twice"),
+                ));
+            }
+            ips.push(ip);
+        }
+        Ok(ips)
+    }
+}
+
+/// The value of an optional field, or `default` when the key is absent.
+fn value_or<T: Clone>(field: &Option<Spanned<T>>, default: T) -> T {
+    field
+        .as_ref()
+        .map_or(default, |spanned| spanned.get_ref().clone())
+}
+
+/// The byte span of an optional field, when the key is present.
+fn span_of<T>(field: &Option<Spanned<T>>) -> Option<Range<usize>> {
+    field.as_ref().map(Spanned::span)
+}
+
+/// Whether the key is present with the value `true`.
+fn is_set_true(field: &Option<Spanned<bool>>) -> bool {
+    field.as_ref().is_some_and(|spanned| *spanned.get_ref())
+}
+
+/// Whether the key is present with the value `false`.
+fn is_set_false(field: &Option<Spanned<bool>>) -> bool {
+    field.as_ref().is_some_and(|spanned| !*spanned.get_ref())
+}
+
+/// "IPv4" or "IPv6", for messages.
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+}
+
+/// Decodes the 32 hex digits of an HA1 key.
+fn decode_ha1(hex: &str) -> Option<[u8; 16]> {
+    fn nibble(digit: u8) -> Option<u8> {
+        char::from(digit)
+            .to_digit(16)
+            .and_then(|value| u8::try_from(value).ok())
+    }
+    let digits = hex.as_bytes();
+    if digits.len() != 32 {
+        return None;
+    }
+    let mut key = [0u8; 16];
+    for (byte, pair) in key.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(key)
+}
+
+impl RawConfig {
+    /// Applies defaults and checks every value and every combination of values.
+    fn validate(self, text: &str) -> Result<Config, ConfigError> {
+        let check = Checker { text };
+
+        // Listeners.
+        let listening_ips = match &self.listening_ips {
+            Some(list) => {
+                if list.get_ref().is_empty() {
+                    return Err(check.error(
+                        "listening-ips",
+                        Some(list.span()),
+                        "listening-ips is empty; list at least one address to listen on".into(),
+                    ));
+                }
+                check.ip_list("listening-ips", list.get_ref())?
+            }
+            None => vec![IpAddr::from([0, 0, 0, 0])],
+        };
+        let listening_port = value_or(&self.listening_port, DEFAULT_LISTENING_PORT);
+        if listening_port == 0 {
+            return Err(check.error(
+                "listening-port",
+                span_of(&self.listening_port),
+                "listening-port is 0; give the port to listen on (the standard one is 3478)".into(),
+            ));
+        }
+        let no_udp = value_or(&self.no_udp, false);
+        let no_tcp = value_or(&self.no_tcp, false);
+        if no_udp && no_tcp {
+            return Err(check.error(
+                "no-tcp",
+                span_of(&self.no_tcp),
+                "no-udp and no-tcp are both true; the server would listen on nothing".into(),
+            ));
+        }
+
+        // Relay addresses.
+        let relay_span = span_of(&self.relay_ips);
+        let mut relay_ips = match &self.relay_ips {
+            Some(list) => check.ip_list("relay-ips", list.get_ref())?,
+            None => Vec::new(),
+        };
+        if let Some((ip, value)) = relay_ips
+            .iter()
+            .zip(self.relay_ips.iter().flat_map(Spanned::get_ref))
+            .find(|(ip, _)| ip.is_unspecified())
+        {
+            return Err(check.error(
+                "relay-ips",
+                Some(value.span()),
+                format!(
+                    "relay-ips: {ip} is a wildcard address; a relay needs a concrete local address"
+                ),
+            ));
+        }
+        if relay_ips.is_empty() {
+            relay_ips = listening_ips
+                .iter()
+                .copied()
+                .filter(|ip| !ip.is_unspecified())
+                .collect();
+        }
+        if relay_ips.is_empty() {
+            return Err(check.error(
+                "relay-ips",
+                relay_span.or_else(|| span_of(&self.listening_ips)),
+                "relay-ips is required when listening on a wildcard address (0.0.0.0 or ::); \
+                 list the local addresses to allocate relays on"
+                    .into(),
+            ));
+        }
+
+        let external_ips = self.external_ips(&check, &relay_ips)?;
+
+        // Relay port range.
+        let min_port = value_or(&self.min_port, DEFAULT_MIN_PORT);
+        let max_port = value_or(&self.max_port, DEFAULT_MAX_PORT);
+        if min_port < MIN_RELAY_PORT {
+            return Err(check.error(
+                "min-port",
+                span_of(&self.min_port),
+                format!(
+                    "min-port ({min_port}) is below {MIN_RELAY_PORT}; relays do not use privileged ports"
+                ),
+            ));
+        }
+        if min_port > max_port {
+            return Err(check.error(
+                "min-port",
+                span_of(&self.min_port).or_else(|| span_of(&self.max_port)),
+                format!("min-port ({min_port}) is greater than max-port ({max_port})"),
+            ));
+        }
+
+        // Realm.
+        let realm = value_or(&self.realm, DEFAULT_REALM.to_owned());
+        let realm_span = span_of(&self.realm);
+        if realm.is_empty() {
+            return Err(check.error("realm", realm_span, "realm is empty".into()));
+        }
+        if realm.len() > MAX_TEXT_BYTES {
+            return Err(check.error(
+                "realm",
+                realm_span,
+                format!(
+                    "realm is {} bytes long; the limit is {MAX_TEXT_BYTES}",
+                    realm.len()
+                ),
+            ));
+        }
+        if realm.chars().any(char::is_control) {
+            return Err(check.error(
+                "realm",
+                realm_span,
+                format!("realm {realm:?} contains a control character"),
+            ));
+        }
+
+        let fingerprint = value_or(&self.fingerprint, true);
+
+        // Authentication.
+        if is_set_true(&self.lt_cred_mech) && is_set_true(&self.no_auth) {
+            return Err(check.error(
+                "no-auth",
+                span_of(&self.no_auth),
+                "no-auth = true contradicts lt-cred-mech = true; keep only one of them".into(),
+            ));
+        }
+        if is_set_false(&self.lt_cred_mech) && !is_set_true(&self.no_auth) {
+            return Err(check.error(
+                "lt-cred-mech",
+                span_of(&self.lt_cred_mech),
+                "lt-cred-mech = false would turn authentication off; that needs the explicit \
+                 no-auth = true, so that an open relay is never configured by accident"
+                    .into(),
+            ));
+        }
+        let auth = !value_or(&self.no_auth, false);
+        let users = self.users(&check, auth)?;
+
+        // Lifetimes.
+        let max_allocate_lifetime =
+            value_or(&self.max_allocate_lifetime, DEFAULT_MAX_ALLOCATE_LIFETIME);
+        let default_allocate_lifetime =
+            value_or(&self.default_allocate_lifetime, DEFAULT_ALLOCATE_LIFETIME);
+        let stale_nonce = value_or(&self.stale_nonce, DEFAULT_STALE_NONCE);
+        for (key, value, field) in [
+            (
+                "max-allocate-lifetime",
+                max_allocate_lifetime,
+                &self.max_allocate_lifetime,
+            ),
+            (
+                "default-allocate-lifetime",
+                default_allocate_lifetime,
+                &self.default_allocate_lifetime,
+            ),
+        ] {
+            if value < MIN_LIFETIME {
+                return Err(check.error(
+                    key,
+                    span_of(field),
+                    format!("{key} ({value}) is less than {MIN_LIFETIME} seconds"),
+                ));
+            }
+        }
+        if default_allocate_lifetime > max_allocate_lifetime {
+            return Err(check.error(
+                "default-allocate-lifetime",
+                span_of(&self.default_allocate_lifetime)
+                    .or_else(|| span_of(&self.max_allocate_lifetime)),
+                format!(
+                    "default-allocate-lifetime ({default_allocate_lifetime}) is greater than \
+                     max-allocate-lifetime ({max_allocate_lifetime})"
+                ),
+            ));
+        }
+        if stale_nonce == 0 {
+            return Err(check.error(
+                "stale-nonce",
+                span_of(&self.stale_nonce),
+                "stale-nonce is 0; a nonce must live at least 1 second".into(),
+            ));
+        }
+
+        let allow_loopback_peers = value_or(&self.allow_loopback_peers, false);
+
+        let software = value_or(&self.software, default_software());
+        if software.len() > MAX_TEXT_BYTES {
+            return Err(check.error(
+                "software",
+                span_of(&self.software),
+                format!(
+                    "software is {} bytes long; the limit is {MAX_TEXT_BYTES}",
+                    software.len()
+                ),
+            ));
+        }
+
+        let log_level = value_or(&self.log_level, DEFAULT_LOG_LEVEL.to_owned());
+        if !LOG_LEVELS.contains(&log_level.as_str()) {
+            return Err(check.error(
+                "log-level",
+                span_of(&self.log_level),
+                format!(
+                    "log-level {log_level:?} is not one of {}",
+                    LOG_LEVELS.join(", ")
+                ),
+            ));
+        }
+
+        Ok(Config {
+            listening_ips,
+            listening_port,
+            no_udp,
+            no_tcp,
+            relay_ips,
+            external_ips,
+            min_port,
+            max_port,
+            realm,
+            fingerprint,
+            auth,
+            users,
+            max_allocate_lifetime,
+            default_allocate_lifetime,
+            stale_nonce,
+            allow_loopback_peers,
+            software,
+            log_level,
+        })
+    }
+
+    /// Parses and checks `external-ip` against the (defaulted) relay addresses.
+    fn external_ips(
+        &self,
+        check: &Checker<'_>,
+        relay_ips: &[IpAddr],
+    ) -> Result<Vec<ExternalIp>, ConfigError> {
+        const KEY: &str = "external-ip";
+        let Some(field) = &self.external_ip else {
+            return Ok(Vec::new());
+        };
+        let entries: Vec<(&str, Range<usize>)> = match field.get_ref() {
+            ExternalIpField::One(entry) => vec![(entry.as_str(), field.span())],
+            ExternalIpField::Many(list) => list
+                .iter()
+                .map(|entry| (entry.get_ref().as_str(), entry.span()))
+                .collect(),
+        };
+
+        let mut parsed: Vec<(ExternalIp, &str, Range<usize>)> = Vec::with_capacity(entries.len());
+        for (entry, span) in entries {
+            let parse_part = |part: &str| -> Result<IpAddr, ConfigError> {
+                part.parse().map_err(|_| {
+                    check.error(
+                        KEY,
+                        Some(span.clone()),
+                        format!(
+                            "{KEY}: {part:?} in {entry:?} is not an IP address \
+                             (the form is \"PUBLIC\" or \"PUBLIC/PRIVATE\")"
+                        ),
+                    )
+                })
+            };
+            let (public, private) = match entry.split_once('/') {
+                Some((public, private)) => (parse_part(public)?, Some(parse_part(private)?)),
+                None => (parse_part(entry)?, None),
+            };
+            if public.is_unspecified() || public.is_multicast() {
+                return Err(check.error(
+                    KEY,
+                    Some(span),
+                    format!("{KEY}: public address {public} in {entry:?} cannot be advertised"),
+                ));
+            }
+            if let Some(private) = private {
+                if public.is_ipv4() != private.is_ipv4() {
+                    return Err(check.error(
+                        KEY,
+                        Some(span),
+                        format!(
+                            "{KEY}: {entry:?} maps {} address {public} to {} address {private}; \
+                             both must be of the same family",
+                            family(public),
+                            family(private)
+                        ),
+                    ));
+                }
+                if !relay_ips.contains(&private) {
+                    return Err(check.error(
+                        KEY,
+                        Some(span),
+                        format!(
+                            "{KEY}: private address {private} in {entry:?} is not one of the relay \
+                             IPs ({})",
+                            join(relay_ips)
+                        ),
+                    ));
+                }
+            }
+            let mapping = ExternalIp { public, private };
+            if let Some((_, earlier, _)) =
+                parsed.iter().find(|(other, _, _)| other.public == public)
+            {
+                return Err(check.error(
+                    KEY,
+                    Some(span),
+                    format!(
+                        "{KEY}: public address {public} appears in both {earlier:?} and {entry:?}"
+                    ),
+                ));
+            }
+            if let Some((_, earlier, _)) =
+                parsed.iter().find(|(other, _, _)| other.private == private)
+            {
+                let message = match private {
+                    Some(private) => format!(
+                        "{KEY}: private address {private} is mapped by both {earlier:?} and {entry:?}"
+                    ),
+                    None => format!(
+                        "{KEY}: {earlier:?} and {entry:?} both lack a private address; at most one \
+                         entry may apply to every relay IP, give the others as \"PUBLIC/PRIVATE\""
+                    ),
+                };
+                return Err(check.error(KEY, Some(span), message));
+            }
+            parsed.push((mapping, entry, span));
+        }
+
+        // An entry without PRIVATE covers every relay address no other entry maps: those must be
+        // of its family, or clients would be told an address their relay cannot have.
+        if let Some((catch_all, entry, span)) = parsed.iter().find(|(m, _, _)| m.private.is_none())
+        {
+            let unmapped_other_family = relay_ips.iter().find(|ip| {
+                ip.is_ipv4() != catch_all.public.is_ipv4()
+                    && !parsed.iter().any(|(m, _, _)| m.private == Some(**ip))
+            });
+            if let Some(ip) = unmapped_other_family {
+                return Err(check.error(
+                    KEY,
+                    Some(span.clone()),
+                    format!(
+                        "{KEY}: {entry:?} has no private address, so it applies to every relay IP, \
+                         but relay IP {ip} is {}; write it as \"PUBLIC/PRIVATE\"",
+                        family(*ip)
+                    ),
+                ));
+            }
+        }
+        Ok(parsed.into_iter().map(|(mapping, _, _)| mapping).collect())
+    }
+
+    /// Parses and checks `[users]`; `auth` says whether authentication is on.
+    fn users(
+        &self,
+        check: &Checker<'_>,
+        auth: bool,
+    ) -> Result<Vec<(String, UserKey)>, ConfigError> {
+        const KEY: &str = "users";
+        let table = self.users.as_ref();
+        if auth && table.is_none_or(|table| table.get_ref().is_empty()) {
+            return Err(check.error(
+                KEY,
+                table.map(Spanned::span),
+                "[users] is empty but authentication is on; add a user or set no-auth = true"
+                    .into(),
+            ));
+        }
+        let mut users = Vec::new();
+        for (name, value) in table.iter().flat_map(|table| table.get_ref()) {
+            let name_text = name.get_ref();
+            let key = format!("{KEY}.{name_text}");
+            let name_problem = if name_text.is_empty() {
+                Some("a user name is empty".to_owned())
+            } else if name_text.len() > MAX_USERNAME_BYTES {
+                Some(format!(
+                    "user name {name_text:?} is {} bytes long; the limit is {MAX_USERNAME_BYTES}",
+                    name_text.len()
+                ))
+            } else if name_text.contains(':') {
+                Some(format!(
+                    "user name {name_text:?} contains ':', which the long-term credential key \
+                     (user:realm:password) cannot hold"
+                ))
+            } else if name_text.chars().any(char::is_control) {
+                Some(format!(
+                    "user name {name_text:?} contains a control character"
+                ))
+            } else {
+                None
+            };
+            if let Some(problem) = name_problem {
+                return Err(check.error(KEY, Some(name.span()), format!("{KEY}: {problem}")));
+            }
+            let secret = value.get_ref();
+            let user_key = if secret.is_empty() {
+                return Err(check.error(
+                    &key,
+                    Some(value.span()),
+                    format!("{key}: the password is empty"),
+                ));
+            } else if let Some(hex) = secret.strip_prefix("0x") {
+                UserKey::Ha1(decode_ha1(hex).ok_or_else(|| {
+                    check.error(
+                        &key,
+                        Some(value.span()),
+                        format!(
+                            "{key}: a value starting with \"0x\" is an HA1 key and must be \"0x\" \
+                             followed by 32 hex digits (MD5 of user:realm:password)"
+                        ),
+                    )
+                })?)
+            } else {
+                UserKey::Password(secret.clone())
+            };
+            users.push((name_text.clone(), user_key));
+        }
+        users.sort_by(|(a, _), (b, _)| a.cmp(b));
+        Ok(users)
+    }
+}
+
+/// Comma-separated addresses.
+fn join(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn on_off(flag: bool) -> &'static str {
+    if flag { "on" } else { "off" }
+}
+
+impl Config {
+    /// A multi-line, human-readable account of what the server will do with this configuration,
+    /// printed by `turnserver --check-config`.
+    #[must_use]
+    pub fn summary(&self) -> String {
+        use std::fmt::Write as _;
+
+        let mut out = String::new();
+        let transports = match (self.no_udp, self.no_tcp) {
+            (false, false) => "udp, tcp",
+            (true, false) => "tcp",
+            (false, true) => "udp",
+            (true, true) => "none",
+        };
+        // Writing to a String cannot fail, so the fmt::Results below are discarded.
+        let _ = writeln!(out, "listeners:");
+        for ip in &self.listening_ips {
+            let addr = SocketAddr::new(*ip, self.listening_port);
+            let _ = writeln!(out, "  {addr} ({transports})");
+        }
+        let _ = writeln!(out, "relay ips: {}", join(&self.relay_ips));
+        let port_count = u32::from(self.max_port) - u32::from(self.min_port) + 1;
+        let _ = writeln!(
+            out,
+            "relay ports: {}-{} ({port_count} ports)",
+            self.min_port, self.max_port
+        );
+        if self.external_ips.is_empty() {
+            let _ = writeln!(
+                out,
+                "external-ip: none (relay addresses are advertised as-is)"
+            );
+        } else {
+            let _ = writeln!(out, "external-ip:");
+            for mapping in &self.external_ips {
+                match mapping.private {
+                    Some(private) => {
+                        let _ = writeln!(out, "  {private} advertised as {}", mapping.public);
+                    }
+                    None => {
+                        let _ = writeln!(
+                            out,
+                            "  every other relay ip advertised as {}",
+                            mapping.public
+                        );
+                    }
+                }
+            }
+        }
+        let _ = writeln!(out, "realm: {}", self.realm);
+        if self.auth {
+            let count = self.users.len();
+            let plural = if count == 1 { "" } else { "s" };
+            let _ = writeln!(
+                out,
+                "authentication: on (long-term credentials, {count} user{plural})"
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "authentication: OFF (no-auth = true): anyone who reaches the server can relay"
+            );
+        }
+        let _ = writeln!(out, "fingerprint: {}", on_off(self.fingerprint));
+        let _ = writeln!(
+            out,
+            "allocation lifetime: default {} s, max {} s",
+            self.default_allocate_lifetime, self.max_allocate_lifetime
+        );
+        let _ = writeln!(out, "nonce lifetime: {} s", self.stale_nonce);
+        let _ = writeln!(
+            out,
+            "loopback peers: {}",
+            if self.allow_loopback_peers {
+                "allowed"
+            } else {
+                "refused"
+            }
+        );
+        if self.software.is_empty() {
+            let _ = writeln!(out, "software: none (no SOFTWARE attribute)");
+        } else {
+            let _ = writeln!(out, "software: {}", self.software);
+        }
+        let _ = writeln!(out, "log level: {}", self.log_level);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../turnserver.toml.example");
+
+    /// `top` followed by one user, so that authentication has someone to accept.
+    fn with_users(top: &str) -> String {
+        format!("{top}\n[users]\nalice = \"alice-password\"\n")
+    }
+
+    /// `top` followed by a concrete listening address and one user.
+    fn valid(top: &str) -> String {
+        with_users(&format!("{top}\nlistening-ips = [\"127.0.0.1\"]"))
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("test address")
+    }
+
+    /// Parses `text`, expecting a refusal for `key` on `line`, whose message contains `needle`.
+    #[track_caller]
+    fn refused(text: &str, key: &str, line: Option<usize>, needle: &str) -> ConfigError {
+        let err = match parse(text) {
+            Ok(config) => panic!("accepted, expected a refusal for {key}: {config:?}"),
+            Err(err) => err,
+        };
+        let message = err.to_string();
+        assert_eq!(err.key(), Some(key), "key of: {message}");
+        assert_eq!(err.line(), line, "line of: {message}");
+        assert!(message.contains(key), "{message:?} does not name {key}");
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+        if let (Some(line), ErrorKind::Invalid(_)) = (line, &err.kind) {
+            assert!(
+                message.starts_with(&format!("line {line}: ")),
+                "{message:?} does not start with its line"
+            );
+        }
+        err
+    }
+
+    #[test]
+    fn defaults() {
+        let config = parse(&valid("")).expect("minimal config");
+        assert_eq!(config.listening_ips, vec![ip("127.0.0.1")]);
+        assert_eq!(config.listening_port, 3478);
+        assert!(!config.no_udp);
+        assert!(!config.no_tcp);
+        assert_eq!(config.relay_ips, vec![ip("127.0.0.1")]);
+        assert!(config.external_ips.is_empty());
+        assert_eq!((config.min_port, config.max_port), (49152, 65535));
+        assert_eq!(config.realm, "turnserver.local");
+        assert!(config.fingerprint);
+        assert!(config.auth);
+        assert_eq!(
+            config.users,
+            vec![(
+                "alice".to_owned(),
+                UserKey::Password("alice-password".into())
+            )]
+        );
+        assert_eq!(config.max_allocate_lifetime, 3600);
+        assert_eq!(config.default_allocate_lifetime, 600);
+        assert_eq!(config.stale_nonce, 600);
+        assert!(!config.allow_loopback_peers);
+        assert_eq!(
+            config.software,
+            format!("turnserver {}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(config.log_level, "info");
+    }
+
+    #[test]
+    fn default_listening_ip_is_the_ipv4_wildcard() {
+        let config = parse(&with_users("relay-ips = [\"10.0.0.5\"]")).expect("valid");
+        assert_eq!(config.listening_ips, vec![ip("0.0.0.0")]);
+        assert_eq!(config.relay_ips, vec![ip("10.0.0.5")]);
+    }
+
+    #[test]
+    fn every_key_set() {
+        let text = r#"
+listening-ips = ["10.0.0.5", "::1"]
+listening-port = 3479
+no-udp = true
+no-tcp = false
+relay-ips = ["10.0.0.5", "::1"]
+external-ip = ["203.0.113.7/10.0.0.5"]
+min-port = 40000
+max-port = 40100
+realm = "example.org"
+fingerprint = false
+lt-cred-mech = true
+no-auth = false
+max-allocate-lifetime = 7200
+default-allocate-lifetime = 1200
+stale-nonce = 300
+allow-loopback-peers = true
+software = ""
+log-level = "debug"
+
+[users]
+zed = "z"
+bob = "b"
+"#;
+        let config = parse(text).expect("valid");
+        assert_eq!(config.listening_ips, vec![ip("10.0.0.5"), ip("::1")]);
+        assert_eq!(config.listening_port, 3479);
+        assert!(config.no_udp && !config.no_tcp);
+        assert_eq!(config.relay_ips, vec![ip("10.0.0.5"), ip("::1")]);
+        assert_eq!(
+            config.external_ips,
+            vec![ExternalIp {
+                public: ip("203.0.113.7"),
+                private: Some(ip("10.0.0.5"))
+            }]
+        );
+        assert_eq!((config.min_port, config.max_port), (40000, 40100));
+        assert_eq!(config.realm, "example.org");
+        assert!(!config.fingerprint);
+        assert!(config.auth);
+        assert_eq!(config.max_allocate_lifetime, 7200);
+        assert_eq!(config.default_allocate_lifetime, 1200);
+        assert_eq!(config.stale_nonce, 300);
+        assert!(config.allow_loopback_peers);
+        assert_eq!(config.software, "");
+        assert_eq!(config.log_level, "debug");
+        let names: Vec<&str> = config.users.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["bob", "zed"]);
+    }
+
+    #[test]
+    fn example_file_parses_as_the_local_demo() {
+        let config = parse(EXAMPLE).unwrap_or_else(|err| panic!("example refused: {err}"));
+        assert_eq!(config.listening_ips, vec![ip("127.0.0.1")]);
+        assert_eq!(config.listening_port, 3478);
+        assert_eq!(config.relay_ips, vec![ip("127.0.0.1")]);
+        assert_eq!((config.min_port, config.max_port), (49152, 65535));
+        assert_eq!(config.realm, "turnserver.local");
+        assert!(config.fingerprint);
+        assert!(config.auth);
+        assert!(config.allow_loopback_peers);
+        assert_eq!(
+            config.users,
+            vec![("demo".to_owned(), UserKey::Password("demo-password".into()))]
+        );
+    }
+
+    #[test]
+    fn example_file_documents_every_key() {
+        for key in [
+            "listening-ips",
+            "listening-port",
+            "no-udp",
+            "no-tcp",
+            "relay-ips",
+            "external-ip",
+            "min-port",
+            "max-port",
+            "realm",
+            "fingerprint",
+            "lt-cred-mech",
+            "no-auth",
+            "[users]",
+            "max-allocate-lifetime",
+            "default-allocate-lifetime",
+            "stale-nonce",
+            "allow-loopback-peers",
+            "software",
+            "log-level",
+        ] {
+            let assignment = format!("{key} =");
+            let present = EXAMPLE.lines().any(|line| {
+                let line = line.trim_start_matches('#').trim_start();
+                line.starts_with(&assignment) || line == key
+            });
+            assert!(present, "{key} is not in turnserver.toml.example");
+        }
+    }
+
+    #[test]
+    fn example_file_commented_defaults_are_valid() {
+        // Uncommenting a `# key = default` line must keep the example valid and unchanged.
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest)
+                    if [
+                        "no-",
+                        "relay-ips",
+                        "lt-cred",
+                        "stale",
+                        "default-",
+                        "max-allocate",
+                        "log-",
+                    ]
+                    .iter()
+                    .any(|prefix| rest.starts_with(prefix))
+                        && rest.contains(" = ") =>
+                {
+                    rest
+                }
+                _ => line,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert_ne!(uncommented, EXAMPLE);
+        let config = parse(&uncommented).unwrap_or_else(|err| panic!("refused: {err}"));
+        let example = parse(EXAMPLE).expect("example parses");
+        assert_eq!(config.summary(), example.summary());
+    }
+
+    #[test]
+    fn listening_port_zero_refused() {
+        refused(
+            &valid("listening-port = 0"),
+            "listening-port",
+            Some(1),
+            "is 0",
+        );
+    }
+
+    #[test]
+    fn listening_port_out_of_range_names_key() {
+        let err = refused(
+            &valid("\nlistening-port = 70000"),
+            "listening-port",
+            Some(2),
+            "70000",
+        );
+        assert!(err.to_string().contains("TOML parse error at line 2"));
+    }
+
+    #[test]
+    fn no_udp_and_no_tcp_refused() {
+        refused(
+            &valid("no-udp = true\nno-tcp = true"),
+            "no-tcp",
+            Some(2),
+            "no-udp and no-tcp are both true",
+        );
+    }
+
+    #[test]
+    fn bad_listening_ip_names_key_and_value() {
+        refused(
+            &with_users("listening-ips = [\"127.0.0.1\", \"127.0.0.300\"]"),
+            "listening-ips",
+            Some(1),
+            "\"127.0.0.300\" is not an IP address",
+        );
+    }
+
+    #[test]
+    fn bad_ip_on_a_later_line_of_an_array() {
+        refused(
+            &with_users("listening-ips = [\n  \"127.0.0.1\",\n  \"localhost\",\n]"),
+            "listening-ips",
+            Some(3),
+            "\"localhost\"",
+        );
+    }
+
+    #[test]
+    fn listening_ips_empty_or_duplicated_refused() {
+        refused(
+            &with_users("listening-ips = []"),
+            "listening-ips",
+            Some(1),
+            "is empty",
+        );
+        refused(
+            &with_users("listening-ips = [\"::1\", \"::1\"]"),
+            "listening-ips",
+            Some(1),
+            "::1 is listed twice",
+        );
+    }
+
+    #[test]
+    fn listening_ip_of_wrong_type_names_key() {
+        refused(
+            &with_users("listening-ips = [\n  \"127.0.0.1\",\n  7,\n]"),
+            "listening-ips",
+            Some(3),
+            "invalid type: integer",
+        );
+    }
+
+    #[test]
+    fn relay_ips_wildcard_refused() {
+        refused(
+            &valid("relay-ips = [\"10.0.0.5\", \"0.0.0.0\"]"),
+            "relay-ips",
+            Some(1),
+            "0.0.0.0 is a wildcard",
+        );
+        refused(
+            &valid("relay-ips = [\"::\"]"),
+            "relay-ips",
+            Some(1),
+            ":: is a wildcard",
+        );
+    }
+
+    #[test]
+    fn bad_relay_ip_names_key_and_value() {
+        refused(
+            &valid("relay-ips = [\"10.0.0.x\"]"),
+            "relay-ips",
+            Some(1),
+            "\"10.0.0.x\" is not an IP address",
+        );
+    }
+
+    #[test]
+    fn relay_ips_required_on_wildcard() {
+        let err = refused(
+            &with_users("# comment\nlistening-ips = [\"0.0.0.0\", \"::\"]"),
+            "relay-ips",
+            Some(2),
+            "relay-ips is required when listening on a wildcard address",
+        );
+        assert!(err.to_string().starts_with("line 2: "));
+        // With the default listening address there is no line to point at.
+        refused(
+            &with_users(""),
+            "relay-ips",
+            None,
+            "relay-ips is required when listening on a wildcard address",
+        );
+    }
+
+    #[test]
+    fn relay_ips_default_to_concrete_listening_ips() {
+        let config = parse(&with_users(
+            "listening-ips = [\"0.0.0.0\", \"10.0.0.5\", \"2001:db8::5\"]",
+        ))
+        .expect("valid");
+        assert_eq!(config.relay_ips, vec![ip("10.0.0.5"), ip("2001:db8::5")]);
+    }
+
+    #[test]
+    fn external_ip_single_string() {
+        let config = parse(&valid("external-ip = \"203.0.113.7\"")).expect("valid");
+        assert_eq!(
+            config.external_ips,
+            vec![ExternalIp {
+                public: ip("203.0.113.7"),
+                private: None
+            }]
+        );
+        let config = parse(&valid("external-ip = \"203.0.113.7/127.0.0.1\"")).expect("valid");
+        assert_eq!(
+            config.external_ips,
+            vec![ExternalIp {
+                public: ip("203.0.113.7"),
+                private: Some(ip("127.0.0.1"))
+            }]
+        );
+    }
+
+    #[test]
+    fn external_ip_array() {
+        let text = with_users(
+            "listening-ips = [\"10.0.0.5\", \"10.0.0.6\", \"2001:db8:10::5\"]\n\
+             external-ip = [\n\
+               \"203.0.113.5/10.0.0.5\",\n\
+               \"2001:db8::5/2001:db8:10::5\",\n\
+               \"203.0.113.9\",\n\
+             ]",
+        );
+        let config = parse(&text).expect("valid");
+        assert_eq!(
+            config.external_ips,
+            vec![
+                ExternalIp {
+                    public: ip("203.0.113.5"),
+                    private: Some(ip("10.0.0.5"))
+                },
+                ExternalIp {
+                    public: ip("2001:db8::5"),
+                    private: Some(ip("2001:db8:10::5"))
+                },
+                ExternalIp {
+                    public: ip("203.0.113.9"),
+                    private: None
+                },
+            ]
+        );
+        let config = parse(&valid("external-ip = []")).expect("valid");
+        assert!(config.external_ips.is_empty());
+    }
+
+    #[test]
+    fn external_ip_private_must_be_a_relay_ip() {
+        refused(
+            &valid("external-ip = \"203.0.113.7/10.0.0.9\""),
+            "external-ip",
+            Some(1),
+            "private address 10.0.0.9 in \"203.0.113.7/10.0.0.9\" is not one of the relay IPs (127.0.0.1)",
+        );
+    }
+
+    #[test]
+    fn external_ip_at_most_one_entry_without_private() {
+        refused(
+            &valid("external-ip = [\n\"203.0.113.7\",\n\"203.0.113.8\",\n]"),
+            "external-ip",
+            Some(3),
+            "both lack a private address",
+        );
+    }
+
+    #[test]
+    fn external_ip_families_must_match() {
+        refused(
+            &with_users("listening-ips = [\"10.0.0.5\"]\nexternal-ip = [\"2001:db8::7/10.0.0.5\"]"),
+            "external-ip",
+            Some(2),
+            "same family",
+        );
+    }
+
+    #[test]
+    fn external_ip_without_private_must_match_unmapped_relay_families() {
+        refused(
+            &with_users(
+                "listening-ips = [\"10.0.0.5\", \"2001:db8::5\"]\nexternal-ip = \"203.0.113.7\"",
+            ),
+            "external-ip",
+            Some(2),
+            "relay IP 2001:db8::5 is IPv6",
+        );
+    }
+
+    #[test]
+    fn external_ip_bad_address_names_value() {
+        refused(
+            &valid("external-ip = \"203.0.113.7/nat\""),
+            "external-ip",
+            Some(1),
+            "\"nat\" in \"203.0.113.7/nat\" is not an IP address",
+        );
+        refused(
+            &valid("external-ip = \"\""),
+            "external-ip",
+            Some(1),
+            "is not an IP address",
+        );
+        refused(
+            &valid("external-ip = \"0.0.0.0\""),
+            "external-ip",
+            Some(1),
+            "cannot be advertised",
+        );
+    }
+
+    #[test]
+    fn external_ip_duplicates_refused() {
+        refused(
+            &valid("external-ip = [\"203.0.113.7/127.0.0.1\", \"203.0.113.8/127.0.0.1\"]"),
+            "external-ip",
+            Some(1),
+            "private address 127.0.0.1 is mapped by both",
+        );
+        refused(
+            &valid("external-ip = [\"203.0.113.7/127.0.0.1\", \"203.0.113.7\"]"),
+            "external-ip",
+            Some(1),
+            "public address 203.0.113.7 appears in both",
+        );
+    }
+
+    #[test]
+    fn external_ip_of_wrong_type_names_key() {
+        refused(
+            &valid("external-ip = 7"),
+            "external-ip",
+            Some(1),
+            "\"PUBLIC/PRIVATE\"",
+        );
+    }
+
+    #[test]
+    fn min_port_greater_than_max_port_refused() {
+        let err = refused(
+            &valid("# ports\n\n\n\n\nmax-port = 50000\nmin-port = 60000"),
+            "min-port",
+            Some(7),
+            "min-port (60000) is greater than max-port (50000)",
+        );
+        assert_eq!(
+            err.to_string(),
+            "line 7: min-port (60000) is greater than max-port (50000)"
+        );
+        // Only max-port written: the line points at it.
+        refused(
+            &valid("max-port = 40000"),
+            "min-port",
+            Some(1),
+            "min-port (49152) is greater than max-port (40000)",
+        );
+    }
+
+    #[test]
+    fn min_port_below_1024_refused() {
+        refused(&valid("min-port = 1023"), "min-port", Some(1), "below 1024");
+        let config = parse(&valid("min-port = 1024\nmax-port = 1024")).expect("valid");
+        assert_eq!((config.min_port, config.max_port), (1024, 1024));
+    }
+
+    #[test]
+    fn realm_checks() {
+        refused(&valid("realm = \"\""), "realm", Some(1), "realm is empty");
+        let long = "r".repeat(764);
+        refused(
+            &valid(&format!("realm = \"{long}\"")),
+            "realm",
+            Some(1),
+            "764 bytes",
+        );
+        let config = parse(&valid(&format!("realm = \"{}\"", "r".repeat(763)))).expect("valid");
+        assert_eq!(config.realm.len(), 763);
+        refused(
+            &valid("realm = \"bad\\u0007realm\""),
+            "realm",
+            Some(1),
+            "control character",
+        );
+    }
+
+    #[test]
+    fn lt_cred_mech_false_needs_no_auth() {
+        let err = refused(
+            &valid("lt-cred-mech = false"),
+            "lt-cred-mech",
+            Some(1),
+            "needs the explicit no-auth = true",
+        );
+        assert!(err.to_string().starts_with("line 1: lt-cred-mech = false"));
+    }
+
+    #[test]
+    fn lt_cred_mech_true_with_no_auth_refused() {
+        refused(
+            &valid("lt-cred-mech = true\nno-auth = true"),
+            "no-auth",
+            Some(2),
+            "contradicts lt-cred-mech = true",
+        );
+    }
+
+    #[test]
+    fn no_auth_turns_authentication_off() {
+        let config = parse("listening-ips = [\"127.0.0.1\"]\nno-auth = true").expect("valid");
+        assert!(!config.auth);
+        assert!(config.users.is_empty());
+        let config = parse("listening-ips = [\"127.0.0.1\"]\nno-auth = true\nlt-cred-mech = false")
+            .expect("valid");
+        assert!(!config.auth);
+        let config = parse(&valid("no-auth = false\nlt-cred-mech = true")).expect("valid");
+        assert!(config.auth);
+    }
+
+    #[test]
+    fn users_required_while_auth_is_on() {
+        let message = "[users] is empty but authentication is on; add a user or set no-auth = true";
+        refused(
+            "listening-ips = [\"127.0.0.1\"]\n\n[users]\n",
+            "users",
+            Some(3),
+            message,
+        );
+        refused("listening-ips = [\"127.0.0.1\"]\n", "users", None, message);
+    }
+
+    #[test]
+    fn user_name_checks() {
+        refused(
+            "listening-ips = [\"127.0.0.1\"]\n[users]\n\"\" = \"pw\"",
+            "users",
+            Some(3),
+            "a user name is empty",
+        );
+        refused(
+            "listening-ips = [\"127.0.0.1\"]\n[users]\nok = \"pw\"\n\"a:b\" = \"pw\"",
+            "users",
+            Some(4),
+            "contains ':'",
+        );
+        let long = "u".repeat(514);
+        refused(
+            &format!("listening-ips = [\"127.0.0.1\"]\n[users]\n{long} = \"pw\""),
+            "users",
+            Some(3),
+            "514 bytes",
+        );
+        let name = "u".repeat(513);
+        let config = parse(&format!(
+            "listening-ips = [\"127.0.0.1\"]\n[users]\n{name} = \"pw\""
+        ))
+        .expect("valid");
+        assert_eq!(config.users[0].0, name);
+    }
+
+    #[test]
+    fn empty_password_refused() {
+        refused(
+            "listening-ips = [\"127.0.0.1\"]\n[users]\nbob = \"\"",
+            "users.bob",
+            Some(3),
+            "the password is empty",
+        );
+    }
+
+    #[test]
+    fn password_of_wrong_type_names_user() {
+        refused(
+            "listening-ips = [\"127.0.0.1\"]\n[users]\nbob = 5",
+            "users.bob",
+            Some(3),
+            "invalid type: integer",
+        );
+    }
+
+    #[test]
+    fn ha1_keys() {
+        let text = "listening-ips = [\"127.0.0.1\"]\n[users]\n\
+                    carol = \"0x00112233445566778899AABBCCDDEEFF\"\n\
+                    bob = \"hunter2\"\n\
+                    alice = \"0xbc807ee29df3c9ffa736523fb2c4e8ee\"\n";
+        let config = parse(text).expect("valid");
+        assert_eq!(
+            config.users,
+            vec![
+                (
+                    "alice".to_owned(),
+                    UserKey::Ha1([
+                        0xbc, 0x80, 0x7e, 0xe2, 0x9d, 0xf3, 0xc9, 0xff, 0xa7, 0x36, 0x52, 0x3f,
+                        0xb2, 0xc4, 0xe8, 0xee
+                    ])
+                ),
+                ("bob".to_owned(), UserKey::Password("hunter2".into())),
+                (
+                    "carol".to_owned(),
+                    UserKey::Ha1([
+                        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb,
+                        0xcc, 0xdd, 0xee, 0xff
+                    ])
+                ),
+            ]
+        );
+        // The HA1 key bytes never show in debug output.
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn malformed_ha1_refused() {
+        for bad in [
+            "0x",
+            "0x0011",
+            "0x00112233445566778899aabbccddeeff00",
+            "0x00112233445566778899aabbccddeeg0",
+        ] {
+            refused(
+                &format!("listening-ips = [\"127.0.0.1\"]\n[users]\nbob = \"{bad}\""),
+                "users.bob",
+                Some(3),
+                "32 hex digits",
+            );
+        }
+        assert_eq!(decode_ha1("é0112233445566778899aabbccddeef"), None);
+    }
+
+    #[test]
+    fn lifetime_checks() {
+        refused(
+            &valid("max-allocate-lifetime = 59"),
+            "max-allocate-lifetime",
+            Some(1),
+            "max-allocate-lifetime (59) is less than 60 seconds",
+        );
+        refused(
+            &valid("\ndefault-allocate-lifetime = 0"),
+            "default-allocate-lifetime",
+            Some(2),
+            "default-allocate-lifetime (0) is less than 60 seconds",
+        );
+        refused(
+            &valid("default-allocate-lifetime = 3601"),
+            "default-allocate-lifetime",
+            Some(1),
+            "default-allocate-lifetime (3601) is greater than max-allocate-lifetime (3600)",
+        );
+        refused(
+            &valid("max-allocate-lifetime = 300"),
+            "default-allocate-lifetime",
+            Some(1),
+            "default-allocate-lifetime (600) is greater than max-allocate-lifetime (300)",
+        );
+        refused(
+            &valid("stale-nonce = 0"),
+            "stale-nonce",
+            Some(1),
+            "stale-nonce is 0",
+        );
+        refused(
+            &valid("stale-nonce = -1"),
+            "stale-nonce",
+            Some(1),
+            "invalid value",
+        );
+        let config = parse(&valid(
+            "max-allocate-lifetime = 60\ndefault-allocate-lifetime = 60\nstale-nonce = 1",
+        ))
+        .expect("valid");
+        assert_eq!(
+            (
+                config.max_allocate_lifetime,
+                config.default_allocate_lifetime,
+                config.stale_nonce
+            ),
+            (60, 60, 1)
+        );
+    }
+
+    #[test]
+    fn software_checks() {
+        let config = parse(&valid("software = \"\"")).expect("valid");
+        assert_eq!(config.software, "");
+        let config = parse(&valid(&format!("software = \"{}\"", "s".repeat(763)))).expect("valid");
+        assert_eq!(config.software.len(), 763);
+        refused(
+            &valid(&format!("software = \"{}\"", "s".repeat(764))),
+            "software",
+            Some(1),
+            "764 bytes",
+        );
+    }
+
+    #[test]
+    fn log_level_checks() {
+        for level in LOG_LEVELS {
+            let config = parse(&valid(&format!("log-level = \"{level}\""))).expect("valid");
+            assert_eq!(config.log_level, level);
+        }
+        refused(
+            &valid("log-level = \"verbose\""),
+            "log-level",
+            Some(1),
+            "\"verbose\" is not one of error, warn, info, debug, trace",
+        );
+    }
+
+    #[test]
+    fn unknown_key_refused() {
+        let err = parse(&valid("listening-port = 3478\nlisten-port = 3478")).expect_err("refused");
+        let message = err.to_string();
+        assert_eq!(err.key(), Some("listen-port"));
+        assert_eq!(err.line(), Some(2));
+        assert!(message.contains("unknown field `listen-port`"), "{message}");
+        assert!(message.contains("TOML parse error at line 2"), "{message}");
+        assert!(message.contains("`listening-port`"), "{message}");
+    }
+
+    #[test]
+    fn unknown_table_refused() {
+        let err = parse(&valid("[turn]\nport = 1\n")).expect_err("refused");
+        let message = err.to_string();
+        assert_eq!(err.key(), Some("turn"));
+        assert!(message.contains("unknown field `turn`"), "{message}");
+    }
+
+    #[test]
+    fn syntax_error_keeps_toml_text() {
+        let err = parse("listening-port = 3478\nrealm = unquoted\n").expect_err("refused");
+        let message = err.to_string();
+        assert_eq!(err.line(), Some(2));
+        assert!(
+            message.contains("TOML parse error at line 2, column 9"),
+            "{message}"
+        );
+        assert!(message.contains("realm = unquoted"), "{message}");
+    }
+
+    #[test]
+    fn duplicate_key_refused() {
+        let err = parse(&valid("min-port = 50000\nmin-port = 50001")).expect_err("refused");
+        let message = err.to_string();
+        assert_eq!(err.line(), Some(2));
+        assert!(message.contains("duplicate key"), "{message}");
+        assert!(message.contains("min-port"), "{message}");
+    }
+
+    #[test]
+    fn load_reads_file_and_reports_path() {
+        let dir =
+            std::env::temp_dir().join(format!("turnserver-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+
+        let good = dir.join("good.toml");
+        std::fs::write(&good, EXAMPLE).expect("write");
+        let config = load(&good).expect("example loads");
+        assert_eq!(config.realm, "turnserver.local");
+
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, valid("min-port = 80")).expect("write");
+        let err = load(&bad).expect_err("refused");
+        assert_eq!(err.file(), Some(bad.as_path()));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: line 1: min-port (80) is below 1024; relays do not use privileged ports",
+                bad.display()
+            )
+        );
+
+        let missing = dir.join("missing.toml");
+        let err = load(&missing).expect_err("refused");
+        let message = err.to_string();
+        assert!(
+            message.contains(&missing.display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("os error"), "{message}");
+        let source = std::error::Error::source(&err)
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .expect("the OS error is the source");
+        assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn summary_describes_the_server() {
+        let text = with_users(
+            "listening-ips = [\"10.0.0.5\", \"::1\"]\nno-tcp = true\n\
+             external-ip = [\"203.0.113.5/10.0.0.5\"]",
+        );
+        let summary = parse(&text).expect("valid").summary();
+        for needle in [
+            "10.0.0.5:3478 (udp)",
+            "[::1]:3478 (udp)",
+            "relay ips: 10.0.0.5, ::1",
+            "relay ports: 49152-65535 (16384 ports)",
+            "10.0.0.5 advertised as 203.0.113.5",
+            "realm: turnserver.local",
+            "authentication: on (long-term credentials, 1 user)",
+            "allocation lifetime: default 600 s, max 3600 s",
+            "nonce lifetime: 600 s",
+            "loopback peers: refused",
+        ] {
+            assert!(summary.contains(needle), "{needle:?} not in:\n{summary}");
+        }
+
+        let summary = parse(EXAMPLE).expect("valid").summary();
+        assert!(summary.contains("127.0.0.1:3478 (udp, tcp)"), "{summary}");
+        assert!(summary.contains("external-ip: none"), "{summary}");
+        assert!(summary.contains("loopback peers: allowed"), "{summary}");
+
+        let summary = parse("listening-ips = [\"127.0.0.1\"]\nno-auth = true\nsoftware = \"\"")
+            .expect("valid")
+            .summary();
+        assert!(summary.contains("authentication: OFF"), "{summary}");
+        assert!(summary.contains("software: none"), "{summary}");
+    }
+}

@@ -1,0 +1,1323 @@
+//! The sans-IO TURN server (RFC 8656) with STUN Binding (RFC 8489).
+//!
+//! [`Server`] holds every allocation, permission and channel, the relay port pool and a timer
+//! queue. It never touches a socket or a clock: the driver passes `now` into every call, sends
+//! what the returned actions say, and opens and closes relay sockets through the
+//! [`RelaySockets`] it lends to the calls that may need them.
+//!
+//! Inputs: [`Server::handle_client`] (a datagram or stream frame from a client),
+//! [`Server::handle_peer`] (a datagram received on a relay socket),
+//! [`Server::handle_timeout`], [`Server::handle_client_closed`] (a stream client went away).
+//! Outputs: the returned [`ClientAction`] / [`PeerAction`], and [`Server::poll_timeout`], the
+//! instant by which `handle_timeout` must be called next.
+//!
+//! The relay path (ChannelData and Send from a client, datagrams from peers) allocates nothing:
+//! it borrows the input, looks the allocation up once, and returns byte ranges.
+
+mod ports;
+pub mod policy;
+mod stats;
+
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info};
+
+use crate::auth::{NONCE_LEN, NonceCheck, NonceMint, Users};
+use crate::wire::{
+    self, AttrType, ChannelData, ChannelNumber, Class, ErrorCode, FAMILY_IPV4, FAMILY_IPV6,
+    HEADER_LEN, MAGIC_COOKIE, MessageRef, MessageWriter, Method, PROTO_UDP, TransactionId,
+    Integrity, pad4,
+};
+
+pub use policy::PeerPolicy;
+pub use ports::PortPool;
+pub use stats::{COUNTED_ERRORS, COUNTED_METHODS, Drop, EndReason, Stats};
+
+/// Permission lifetime (RFC 8656 9).
+pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
+/// Channel binding lifetime (RFC 8656 12).
+pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
+/// After a channel binding expires, neither its number nor its peer may be rebound to anything
+/// else for this long (RFC 8656 12).
+pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
+/// How long a port reserved by EVEN-PORT with the R bit stays reserved (RFC 8656 7.2: about 30 s).
+pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
+/// How many ports an Allocate tries to bind before answering 508.
+const BIND_ATTEMPTS: usize = 16;
+
+/// The client transport of a 5-tuple.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Udp => "udp",
+            Transport::Tcp => "tcp",
+        }
+    }
+}
+
+/// A client's 5-tuple: transport, client address, and the server address it reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ClientId {
+    pub transport: Transport,
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.transport.name(), self.remote)
+    }
+}
+
+/// What the driver does with a client's input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAction {
+    /// Nothing to send (dropped and counted, or consumed).
+    None,
+    /// Send the first `n` bytes of the output buffer back to the client.
+    Reply(usize),
+    /// Send `input[payload]` from the relay socket bound to `relay` to `peer`.
+    Forward {
+        relay: SocketAddr,
+        peer: SocketAddr,
+        payload: Range<usize>,
+    },
+}
+
+/// What the driver does with a datagram received on a relay socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerAction {
+    /// Dropped and counted.
+    None,
+    /// Send `buf[range]` to the client.
+    Forward { client: ClientId, range: Range<usize> },
+}
+
+/// Relay sockets, owned by the driver. The core asks for one when it creates an allocation and
+/// gives it back when the allocation ends.
+pub trait RelaySockets {
+    /// Binds a UDP socket to `addr` and starts receiving on it. `false` if the address cannot
+    /// be bound (for example the port is taken by another program); the core tries another.
+    fn open(&mut self, addr: SocketAddr) -> bool;
+    /// Closes the socket bound to `addr`.
+    fn close(&mut self, addr: SocketAddr);
+}
+
+/// The core's configuration: already validated, with no file or socket in it.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The realm and user keys; `None` turns authentication off.
+    pub users: Option<Users>,
+    /// SOFTWARE sent in responses; empty sends none.
+    pub software: String,
+    /// Add FINGERPRINT to every response (it is also added when the request carried one).
+    pub fingerprint: bool,
+    /// Local addresses relay sockets bind to.
+    pub relay_ips: Vec<IpAddr>,
+    /// (public, private) pairs: a relay address equal to `private` (or any, when `None`) is
+    /// advertised as `public`.
+    pub external_ips: Vec<(IpAddr, Option<IpAddr>)>,
+    pub min_port: u16,
+    pub max_port: u16,
+    /// Seconds.
+    pub default_lifetime: u32,
+    /// Seconds.
+    pub max_lifetime: u32,
+    /// Seconds a nonce stays valid.
+    pub stale_nonce: u32,
+    pub allow_loopback_peers: bool,
+    /// Allocations per user; 0 means no limit.
+    pub user_quota: u32,
+    /// Allocations in total; 0 means no limit beyond the port range.
+    pub total_quota: u32,
+    /// Permissions per allocation.
+    pub max_permissions: usize,
+    /// Channels per allocation.
+    pub max_channels: usize,
+}
+
+impl ServerConfig {
+    /// A configuration for tests and examples: one relay address, the given users.
+    pub fn new(relay_ip: IpAddr, users: Option<Users>) -> Self {
+        ServerConfig {
+            users,
+            software: concat!("turnserver ", env!("CARGO_PKG_VERSION")).to_string(),
+            fingerprint: true,
+            relay_ips: vec![relay_ip],
+            external_ips: Vec::new(),
+            min_port: 49152,
+            max_port: 65535,
+            default_lifetime: 600,
+            max_lifetime: 3600,
+            stale_nonce: 600,
+            allow_loopback_peers: false,
+            user_quota: 0,
+            total_quota: 0,
+            max_permissions: 64,
+            max_channels: 64,
+        }
+    }
+}
+
+/// A small, fast, non-cryptographic generator (SplitMix64) for port order and the transaction
+/// IDs of Data indications. Seeded by the driver.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Permission {
+    ip: IpAddr,
+    until: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Channel {
+    number: ChannelNumber,
+    peer: SocketAddr,
+    /// Usable until then; reserved (not usable, not rebindable to anything else) for
+    /// [`CHANNEL_COOLDOWN`] after.
+    until: Instant,
+}
+
+#[derive(Debug)]
+struct Allocation {
+    client: ClientId,
+    relay: SocketAddr,
+    advertised: SocketAddr,
+    username: Box<str>,
+    expires: Instant,
+    created_by: TransactionId,
+    perms: Vec<Permission>,
+    channels: Vec<Channel>,
+    /// The deadline of this allocation's entry in the timer queue, if one is queued.
+    timer: Option<Instant>,
+    /// A port reserved for a later Allocate (EVEN-PORT with R) and its token.
+    reservation: Option<[u8; 8]>,
+}
+
+impl Allocation {
+    fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
+        self.perms.iter().any(|p| p.ip == ip && p.until > now)
+    }
+
+    /// When something of this allocation next expires: the allocation, a permission, a
+    /// channel binding, or the cooldown of an expired channel.
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let mut t = self.expires;
+        for p in &self.perms {
+            t = t.min(p.until);
+        }
+        for c in &self.channels {
+            t = t.min(if c.until > now {
+                c.until
+            } else {
+                c.until + CHANNEL_COOLDOWN
+            });
+        }
+        t
+    }
+
+    /// Removes expired permissions, and channels whose cooldown is over.
+    fn sweep(&mut self, now: Instant) {
+        self.perms.retain(|p| p.until > now);
+        self.channels.retain(|c| c.until + CHANNEL_COOLDOWN > now);
+    }
+}
+
+#[derive(Debug)]
+struct Reservation {
+    token: [u8; 8],
+    port: u16,
+    ip: IpAddr,
+    until: Instant,
+}
+
+/// The identity an authenticated request carries.
+struct Auth<'a> {
+    username: &'a str,
+    key: [u8; 16],
+    integrity: Integrity,
+}
+
+/// A refusal: the error code and the reason logged with it.
+type Refused = (ErrorCode, &'static str);
+
+enum Success {
+    Allocate {
+        relayed: SocketAddr,
+        lifetime: u32,
+        mapped: SocketAddr,
+        token: Option<[u8; 8]>,
+    },
+    Lifetime(u32),
+    Empty,
+}
+
+/// The TURN server state machine. See the module documentation.
+pub struct Server {
+    cfg: ServerConfig,
+    policy: PeerPolicy,
+    nonces: NonceMint,
+    epoch: Instant,
+    rng: Rng,
+    allocs: Vec<Option<Allocation>>,
+    /// Generation of each slot, bumped when the slot is freed, so that stale timer entries
+    /// are recognised.
+    gens: Vec<u32>,
+    free_slots: Vec<u32>,
+    by_client: HashMap<ClientId, u32>,
+    /// Allocation slot by relay port (index `port - min_port`); `u32::MAX` when none.
+    by_port: Vec<u32>,
+    ports: PortPool,
+    reservations: Vec<Reservation>,
+    per_user: HashMap<Box<str>, u32>,
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    live: usize,
+    stats: Stats,
+}
+
+const NO_SLOT: u32 = u32::MAX;
+
+impl Server {
+    /// `secret` keys the nonces (take it from a cryptographic source); `seed` seeds port order.
+    pub fn new(cfg: ServerConfig, secret: [u8; 32], seed: u64, now: Instant) -> Self {
+        let mut rng = Rng::new(seed);
+        let ports = PortPool::new(cfg.min_port, cfg.max_port, &mut rng);
+        let mut own: Vec<IpAddr> = cfg.relay_ips.clone();
+        own.extend(cfg.external_ips.iter().map(|(public, _)| *public));
+        let policy = PeerPolicy {
+            allow_loopback: cfg.allow_loopback_peers,
+            own,
+        };
+        let span = cfg.max_port as usize - cfg.min_port as usize + 1;
+        Server {
+            nonces: NonceMint::new(secret, cfg.stale_nonce),
+            policy,
+            epoch: now,
+            rng,
+            allocs: Vec::new(),
+            gens: Vec::new(),
+            free_slots: Vec::new(),
+            by_client: HashMap::new(),
+            by_port: vec![NO_SLOT; span],
+            ports,
+            reservations: Vec::new(),
+            per_user: HashMap::new(),
+            timers: BinaryHeap::new(),
+            live: 0,
+            stats: Stats::default(),
+            cfg,
+        }
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &ServerConfig {
+        &self.cfg
+    }
+
+    /// Allocations alive now.
+    pub fn allocation_count(&self) -> usize {
+        self.live
+    }
+
+    /// Relay ports in use (allocations and reservations).
+    pub fn ports_in_use(&self) -> usize {
+        self.ports.used()
+    }
+
+    /// Relay ports in the configured range.
+    pub fn port_capacity(&self) -> usize {
+        self.ports.capacity()
+    }
+
+    /// Permissions and channels of the allocation of `client`, for tests and introspection.
+    pub fn allocation_info(&self, client: &ClientId) -> Option<(SocketAddr, usize, usize)> {
+        let a = self.alloc(*self.by_client.get(client)?)?;
+        Some((a.relay, a.perms.len(), a.channels.len()))
+    }
+
+    fn alloc(&self, slot: u32) -> Option<&Allocation> {
+        self.allocs.get(slot as usize)?.as_ref()
+    }
+
+    fn secs(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_secs() + 1
+    }
+
+    fn advertise(&self, relay: IpAddr) -> IpAddr {
+        self.cfg
+            .external_ips
+            .iter()
+            .find(|(_, private)| *private == Some(relay))
+            .or_else(|| {
+                self.cfg
+                    .external_ips
+                    .iter()
+                    .find(|(public, private)| private.is_none() && public.is_ipv4() == relay.is_ipv4())
+            })
+            .map_or(relay, |(public, _)| *public)
+    }
+
+    // ---------------------------------------------------------------- client input
+
+    /// Handles one datagram (UDP) or frame (stream transports) from `client`. A reply is
+    /// written into `out`, which should hold at least 2048 bytes.
+    pub fn handle_client(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        input: &[u8],
+        out: &mut [u8],
+        relays: &mut impl RelaySockets,
+    ) -> ClientAction {
+        match wire::classify(input) {
+            wire::Kind::ChannelData => self.client_channel_data(now, client, input),
+            wire::Kind::Stun => self.client_stun(now, client, input, out, relays),
+            wire::Kind::Other => self.dropped(Drop::NotTurn),
+        }
+    }
+
+    fn dropped(&mut self, d: Drop) -> ClientAction {
+        self.stats.drop(d);
+        ClientAction::None
+    }
+
+    #[inline]
+    fn client_channel_data(&mut self, now: Instant, client: ClientId, input: &[u8]) -> ClientAction {
+        let Some(cd) = ChannelData::parse(input) else {
+            return self.dropped(Drop::Malformed);
+        };
+        let Some(&slot) = self.by_client.get(&client) else {
+            return self.dropped(Drop::NoAllocation);
+        };
+        let Some(a) = self.alloc(slot) else {
+            return self.dropped(Drop::NoAllocation);
+        };
+        if a.expires <= now {
+            return self.dropped(Drop::NoAllocation);
+        }
+        let Some(ch) = a
+            .channels
+            .iter()
+            .find(|c| c.number.get() == cd.number && c.until > now)
+        else {
+            return self.dropped(Drop::NoChannel);
+        };
+        if !a.permitted(ch.peer.ip(), now) {
+            return self.dropped(Drop::NoPermission);
+        }
+        let (relay, peer) = (a.relay, ch.peer);
+        let len = cd.payload.len();
+        self.stats.to_peer_packets += 1;
+        self.stats.to_peer_bytes += len as u64;
+        ClientAction::Forward {
+            relay,
+            peer,
+            payload: wire::CHANNEL_DATA_HEADER_LEN..wire::CHANNEL_DATA_HEADER_LEN + len,
+        }
+    }
+
+    fn client_stun(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        input: &[u8],
+        out: &mut [u8],
+        relays: &mut impl RelaySockets,
+    ) -> ClientAction {
+        let msg = match MessageRef::parse(input) {
+            Ok(m) => m,
+            Err(e) => {
+                // A request whose header is sound but whose body is not gets 400.
+                if let Some((method, Class::Request, txid)) = MessageRef::header(input) {
+                    debug!(%client, error = %e, "malformed request");
+                    self.stats.drop(Drop::Malformed);
+                    return self.bare_error(out, method, &txid, ErrorCode::BAD_REQUEST);
+                }
+                return self.dropped(Drop::Malformed);
+            }
+        };
+        if msg.fingerprint_valid() == Some(false) {
+            return self.dropped(Drop::BadFingerprint);
+        }
+        match (msg.method(), msg.class()) {
+            (Method::SEND, Class::Indication) => {
+                self.stats.request(Method::SEND);
+                self.send_indication(now, client, &msg)
+            }
+            (Method::BINDING, Class::Request) => {
+                self.stats.request(Method::BINDING);
+                self.binding(client, &msg, out)
+            }
+            (
+                Method::ALLOCATE | Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND,
+                Class::Request,
+            ) => {
+                self.stats.request(msg.method());
+                self.turn_request(now, client, &msg, out, relays)
+            }
+            (m, Class::Request) => {
+                self.stats.request(m);
+                self.refuse(client, &msg, out, None, (ErrorCode::BAD_REQUEST, "unknown method"))
+            }
+            // Binding indications are keepalives; responses are not ours to act on.
+            _ => self.dropped(Drop::Unexpected),
+        }
+    }
+
+    fn binding(&mut self, client: ClientId, msg: &MessageRef, out: &mut [u8]) -> ClientAction {
+        let mut unknown = [0u16; 8];
+        let n = msg.unknown_required(&mut unknown);
+        if n > 0 {
+            return self.unknown_attributes(client, msg, out, None, &unknown[..n]);
+        }
+        self.stats.success_responses += 1;
+        self.respond(out, msg, None, None, |w| {
+            w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, client.remote)
+                .add_address(AttrType::MAPPED_ADDRESS, client.remote);
+        })
+    }
+
+    /// Writes a response to `req`: the error (if any), the attributes `add` appends, SOFTWARE,
+    /// the integrity attribute (if `auth`), and FINGERPRINT.
+    fn respond(
+        &self,
+        out: &mut [u8],
+        req: &MessageRef,
+        error: Option<ErrorCode>,
+        auth: Option<&Auth>,
+        add: impl FnOnce(&mut MessageWriter),
+    ) -> ClientAction {
+        let class = if error.is_some() {
+            Class::Error
+        } else {
+            Class::Success
+        };
+        let mut w = MessageWriter::new(out, req.method(), class, req.transaction_id());
+        if let Some(e) = error {
+            w.add_error(e);
+        }
+        add(&mut w);
+        if !self.cfg.software.is_empty() {
+            w.add(AttrType::SOFTWARE, self.cfg.software.as_bytes());
+        }
+        if let Some(a) = auth {
+            match a.integrity {
+                Integrity::Sha1 => w.add_integrity(&a.key),
+                Integrity::Sha256 => w.add_integrity_sha256(&a.key),
+            };
+        }
+        if self.cfg.fingerprint || req.fingerprint_valid().is_some() {
+            w.add_fingerprint();
+        }
+        match w.finish() {
+            Some(n) => ClientAction::Reply(n),
+            None => ClientAction::None,
+        }
+    }
+
+    /// A 400 for a request that could not be parsed past its header.
+    fn bare_error(&mut self, out: &mut [u8], method: Method, txid: &TransactionId, code: ErrorCode) -> ClientAction {
+        self.stats.error(code.0);
+        let mut w = MessageWriter::new(out, method, Class::Error, txid);
+        w.add_error(code);
+        if !self.cfg.software.is_empty() {
+            w.add(AttrType::SOFTWARE, self.cfg.software.as_bytes());
+        }
+        if self.cfg.fingerprint {
+            w.add_fingerprint();
+        }
+        w.finish().map_or(ClientAction::None, ClientAction::Reply)
+    }
+
+    /// An error response, counted and logged.
+    fn refuse(
+        &mut self,
+        client: ClientId,
+        req: &MessageRef,
+        out: &mut [u8],
+        auth: Option<&Auth>,
+        (code, reason): Refused,
+    ) -> ClientAction {
+        self.stats.error(code.0);
+        info!(%client, method = req.method().name(), code = code.0, reason, "request refused");
+        self.respond(out, req, Some(code), auth, |_| {})
+    }
+
+    fn unknown_attributes(
+        &mut self,
+        client: ClientId,
+        req: &MessageRef,
+        out: &mut [u8],
+        auth: Option<&Auth>,
+        unknown: &[u16],
+    ) -> ClientAction {
+        let code = ErrorCode::UNKNOWN_ATTRIBUTE;
+        self.stats.error(code.0);
+        info!(%client, method = req.method().name(), code = code.0, ?unknown, "request refused: unknown comprehension-required attributes");
+        self.respond(out, req, Some(code), auth, |w| {
+            w.add_unknown_attributes(unknown);
+        })
+    }
+
+    /// A 401 or 438 carrying REALM and a fresh NONCE (RFC 8489 9.2.4).
+    fn challenge(&mut self, now: Instant, client: ClientId, req: &MessageRef, out: &mut [u8], code: ErrorCode, reason: &'static str) -> ClientAction {
+        self.stats.error(code.0);
+        let mut nonce = [0u8; NONCE_LEN];
+        self.nonces.issue(self.secs(now), client.remote.ip(), &mut nonce);
+        let realm = self.cfg.users.as_ref().map_or("", |u| u.realm());
+        if req.integrity().is_some() || code != ErrorCode::UNAUTHORIZED {
+            info!(%client, method = req.method().name(), code = code.0, reason, "request refused");
+        } else {
+            debug!(%client, method = req.method().name(), "challenging for credentials");
+        }
+        self.respond(out, req, Some(code), None, |w| {
+            w.add(AttrType::REALM, realm.as_bytes())
+                .add(AttrType::NONCE, &nonce);
+        })
+    }
+
+    /// Long-term credential check (RFC 8489 9.2.4). `Err` holds the response already written.
+    fn authenticate<'m>(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        msg: &MessageRef<'m>,
+        out: &mut [u8],
+    ) -> Result<Option<Auth<'m>>, ClientAction> {
+        let Some(users) = &self.cfg.users else {
+            return Ok(None);
+        };
+        let Some(integrity) = msg.integrity() else {
+            return Err(self.challenge(now, client, msg, out, ErrorCode::UNAUTHORIZED, "no credentials"));
+        };
+        let (Ok(Some(username)), Ok(Some(_realm)), Ok(Some(nonce))) =
+            (msg.username(), msg.realm(), msg.nonce())
+        else {
+            return Err(self.refuse(
+                client,
+                msg,
+                out,
+                None,
+                (ErrorCode::BAD_REQUEST, "integrity without USERNAME, REALM and NONCE"),
+            ));
+        };
+        if self.nonces.check(nonce, self.secs(now), client.remote.ip()) == NonceCheck::Stale {
+            return Err(self.challenge(now, client, msg, out, ErrorCode::STALE_NONCE, "stale nonce"));
+        }
+        let key = users.key(username).copied();
+        let Some(key) = key.filter(|k| msg.verify(k)) else {
+            self.stats.auth_failures += 1;
+            info!(%client, user = username, "authentication failed");
+            return Err(self.challenge(now, client, msg, out, ErrorCode::UNAUTHORIZED, "bad credentials"));
+        };
+        Ok(Some(Auth {
+            username,
+            key,
+            integrity,
+        }))
+    }
+
+    fn turn_request(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        msg: &MessageRef,
+        out: &mut [u8],
+        relays: &mut impl RelaySockets,
+    ) -> ClientAction {
+        let auth = match self.authenticate(now, client, msg, out) {
+            Ok(a) => a,
+            Err(action) => return action,
+        };
+        let mut unknown = [0u16; 8];
+        let n = msg.unknown_required(&mut unknown);
+        if n > 0 {
+            return self.unknown_attributes(client, msg, out, auth.as_ref(), &unknown[..n]);
+        }
+        let username = auth.as_ref().map_or("", |a| a.username);
+        let result = match msg.method() {
+            Method::ALLOCATE => self.allocate(now, client, msg, auth.as_ref(), relays),
+            m => match self.by_client.get(&client).copied() {
+                None => Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation for this 5-tuple")),
+                Some(slot) if self.alloc(slot).is_some_and(|a| &*a.username != username) => {
+                    Err((ErrorCode::WRONG_CREDENTIALS, "allocation belongs to another user"))
+                }
+                Some(slot) => match m {
+                    Method::REFRESH => self.refresh(now, slot, msg, relays),
+                    Method::CREATE_PERMISSION => self.create_permission(now, slot, msg),
+                    _ => self.channel_bind(now, slot, msg),
+                },
+            },
+        };
+        match result {
+            Err(refused) => self.refuse(client, msg, out, auth.as_ref(), refused),
+            Ok(success) => {
+                self.stats.success_responses += 1;
+                self.respond(out, msg, None, auth.as_ref(), |w| match success {
+                    Success::Allocate {
+                        relayed,
+                        lifetime,
+                        mapped,
+                        token,
+                    } => {
+                        w.add_xor_address(AttrType::XOR_RELAYED_ADDRESS, relayed)
+                            .add_u32(AttrType::LIFETIME, lifetime);
+                        if let Some(t) = token {
+                            w.add(AttrType::RESERVATION_TOKEN, &t);
+                        }
+                        w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, mapped);
+                    }
+                    Success::Lifetime(l) => {
+                        w.add_u32(AttrType::LIFETIME, l);
+                    }
+                    Success::Empty => {}
+                })
+            }
+        }
+    }
+
+    /// The lifetime granted for a requested one (RFC 8656 7.2): the request capped at the
+    /// maximum, and never below the default.
+    fn granted_lifetime(&self, requested: Option<u32>) -> u32 {
+        let max = self.cfg.max_lifetime;
+        match requested {
+            None => self.cfg.default_lifetime.min(max),
+            Some(r) => r.min(max).max(self.cfg.default_lifetime.min(max)),
+        }
+    }
+
+    fn allocate(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        msg: &MessageRef,
+        auth: Option<&Auth>,
+        relays: &mut impl RelaySockets,
+    ) -> Result<Success, Refused> {
+        if let Some(&slot) = self.by_client.get(&client) {
+            let Some(a) = self.alloc(slot) else {
+                return Err((ErrorCode::SERVER_ERROR, "allocation table inconsistent"));
+            };
+            // A retransmission of the request that created the allocation gets the same answer.
+            if a.created_by == *msg.transaction_id() {
+                let lifetime = a.expires.saturating_duration_since(now).as_secs() as u32;
+                return Ok(Success::Allocate {
+                    relayed: a.advertised,
+                    lifetime,
+                    mapped: client.remote,
+                    token: a.reservation,
+                });
+            }
+            return Err((ErrorCode::ALLOCATION_MISMATCH, "5-tuple already has an allocation"));
+        }
+        let bad = (ErrorCode::BAD_REQUEST, "malformed attribute");
+        match msg.requested_transport().map_err(|_| bad)? {
+            None => return Err((ErrorCode::BAD_REQUEST, "no REQUESTED-TRANSPORT")),
+            Some(PROTO_UDP) => {}
+            Some(_) => {
+                return Err((
+                    ErrorCode::UNSUPPORTED_TRANSPORT_PROTOCOL,
+                    "only UDP relaying is offered",
+                ));
+            }
+        }
+        let even = msg.even_port().map_err(|_| bad)?;
+        let token = msg.reservation_token().map_err(|_| bad)?;
+        let family = msg.requested_address_family().map_err(|_| bad)?;
+        if token.is_some() && (even.is_some() || family.is_some()) {
+            return Err((
+                ErrorCode::BAD_REQUEST,
+                "RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY",
+            ));
+        }
+        if msg.has(AttrType::ADDITIONAL_ADDRESS_FAMILY) {
+            return Err((
+                ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+                "dual allocation is not offered",
+            ));
+        }
+        let want_v4 = match family {
+            None | Some(FAMILY_IPV4) => true,
+            Some(FAMILY_IPV6) => false,
+            Some(_) => {
+                return Err((
+                    ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+                    "unknown address family",
+                ));
+            }
+        };
+        let username = auth.map_or("", |a| a.username);
+        if self.cfg.total_quota > 0 && self.live >= self.cfg.total_quota as usize {
+            return Err((ErrorCode::ALLOCATION_QUOTA_REACHED, "total quota reached"));
+        }
+        if self.cfg.user_quota > 0
+            && self.per_user.get(username).copied().unwrap_or(0) >= self.cfg.user_quota
+        {
+            return Err((ErrorCode::ALLOCATION_QUOTA_REACHED, "user quota reached"));
+        }
+
+        let (relay, reservation) = if let Some(t) = token {
+            let Some(i) = self
+                .reservations
+                .iter()
+                .position(|r| r.token == t && r.until > now)
+            else {
+                return Err((ErrorCode::INSUFFICIENT_CAPACITY, "unknown or expired reservation token"));
+            };
+            let r = self.reservations.swap_remove(i);
+            let addr = SocketAddr::new(r.ip, r.port);
+            if !relays.open(addr) {
+                self.ports.release(r.port);
+                return Err((ErrorCode::INSUFFICIENT_CAPACITY, "reserved port could not be bound"));
+            }
+            (addr, None)
+        } else {
+            let Some(ip) = self
+                .cfg
+                .relay_ips
+                .iter()
+                .copied()
+                .find(|ip| ip.is_ipv4() == want_v4)
+            else {
+                return Err((
+                    ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+                    "no relay address of the requested family",
+                ));
+            };
+            self.bind_relay(now, ip, even, relays)?
+        };
+
+        let lifetime = self.granted_lifetime(msg.lifetime().map_err(|_| bad)?);
+        let advertised = SocketAddr::new(self.advertise(relay.ip()), relay.port());
+        let a = Allocation {
+            client,
+            relay,
+            advertised,
+            username: username.into(),
+            expires: now + Duration::from_secs(lifetime as u64),
+            created_by: *msg.transaction_id(),
+            perms: Vec::new(),
+            channels: Vec::new(),
+            timer: None,
+            reservation,
+        };
+        let slot = self.insert(a);
+        self.schedule(slot, now);
+        self.stats.allocations_created += 1;
+        info!(%client, user = username, relay = %relay, advertised = %advertised, lifetime, "allocation created");
+        Ok(Success::Allocate {
+            relayed: advertised,
+            lifetime,
+            mapped: client.remote,
+            token: reservation,
+        })
+    }
+
+    /// Takes a port (even, or an even pair, when asked), binds it, and records a reservation
+    /// for the odd port of a pair.
+    fn bind_relay(
+        &mut self,
+        now: Instant,
+        ip: IpAddr,
+        even: Option<bool>,
+        relays: &mut impl RelaySockets,
+    ) -> Result<(SocketAddr, Option<[u8; 8]>), Refused> {
+        let full = (ErrorCode::INSUFFICIENT_CAPACITY, "relay port range exhausted");
+        for _ in 0..BIND_ATTEMPTS {
+            let port = match even {
+                None => self.ports.take(),
+                Some(pair) => self.ports.take_even(pair),
+            }
+            .ok_or(full)?;
+            let addr = SocketAddr::new(ip, port);
+            if !relays.open(addr) {
+                // Taken by someone else: leave it marked in use for a while by releasing it to
+                // the back of the queue.
+                self.ports.release(port);
+                if even == Some(true) {
+                    self.ports.release(port + 1);
+                }
+                continue;
+            }
+            let token = if even == Some(true) {
+                let token = self.rng.next().to_be_bytes();
+                self.reservations.push(Reservation {
+                    token,
+                    port: port + 1,
+                    ip,
+                    until: now + RESERVATION_LIFETIME,
+                });
+                Some(token)
+            } else {
+                None
+            };
+            return Ok((addr, token));
+        }
+        Err(full)
+    }
+
+    fn insert(&mut self, a: Allocation) -> u32 {
+        let port_idx = (a.relay.port() - self.cfg.min_port) as usize;
+        let client = a.client;
+        *self.per_user.entry(a.username.clone()).or_insert(0) += 1;
+        let slot = match self.free_slots.pop() {
+            Some(s) => {
+                self.allocs[s as usize] = Some(a);
+                s
+            }
+            None => {
+                self.allocs.push(Some(a));
+                self.gens.push(0);
+                (self.allocs.len() - 1) as u32
+            }
+        };
+        self.by_client.insert(client, slot);
+        self.by_port[port_idx] = slot;
+        self.live += 1;
+        slot
+    }
+
+    fn remove(&mut self, slot: u32, reason: EndReason, relays: &mut impl RelaySockets) {
+        let Some(a) = self.allocs.get_mut(slot as usize).and_then(Option::take) else {
+            return;
+        };
+        self.gens[slot as usize] = self.gens[slot as usize].wrapping_add(1);
+        self.free_slots.push(slot);
+        self.by_client.remove(&a.client);
+        self.by_port[(a.relay.port() - self.cfg.min_port) as usize] = NO_SLOT;
+        self.ports.release(a.relay.port());
+        relays.close(a.relay);
+        if let Some(n) = self.per_user.get_mut(&a.username) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_user.remove(&a.username);
+            }
+        }
+        self.live -= 1;
+        self.stats.allocations_ended[reason as usize] += 1;
+        info!(client = %a.client, user = &*a.username, relay = %a.relay, reason = reason.name(), "allocation deleted");
+    }
+
+    /// Queues a timer entry for the allocation's next deadline unless one as early is queued.
+    fn schedule(&mut self, slot: u32, now: Instant) {
+        let gen_ = self.gens[slot as usize];
+        let Some(a) = self.allocs[slot as usize].as_mut() else {
+            return;
+        };
+        let t = a.next_deadline(now);
+        if a.timer.is_none_or(|q| t < q) {
+            a.timer = Some(t);
+            self.timers.push(Reverse((t, slot, gen_)));
+        }
+    }
+
+    fn refresh(
+        &mut self,
+        now: Instant,
+        slot: u32,
+        msg: &MessageRef,
+        relays: &mut impl RelaySockets,
+    ) -> Result<Success, Refused> {
+        let bad = (ErrorCode::BAD_REQUEST, "malformed attribute");
+        let family = msg.requested_address_family().map_err(|_| bad)?;
+        let requested = msg.lifetime().map_err(|_| bad)?;
+        let Some(a) = self.allocs[slot as usize].as_mut() else {
+            return Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation"));
+        };
+        if let Some(f) = family
+            && (f == FAMILY_IPV4) != a.relay.is_ipv4()
+        {
+            return Err((
+                ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
+                "REQUESTED-ADDRESS-FAMILY differs from the allocation's",
+            ));
+        }
+        if requested == Some(0) {
+            self.remove(slot, EndReason::Refreshed0, relays);
+            return Ok(Success::Lifetime(0));
+        }
+        let lifetime = self.granted_lifetime(requested);
+        let Some(a) = self.allocs[slot as usize].as_mut() else {
+            return Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation"));
+        };
+        a.expires = now + Duration::from_secs(lifetime as u64);
+        self.schedule(slot, now);
+        Ok(Success::Lifetime(lifetime))
+    }
+
+    /// Checks a peer address for an allocation: family and policy.
+    fn check_peer(&mut self, relay: SocketAddr, peer: SocketAddr) -> Result<(), Refused> {
+        if peer.is_ipv4() != relay.is_ipv4() {
+            return Err((
+                ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
+                "peer address family differs from the relay's",
+            ));
+        }
+        if let Err(r) = self.policy.check(peer.ip()) {
+            self.stats.drop(Drop::Forbidden);
+            return Err((ErrorCode::FORBIDDEN, r.reason()));
+        }
+        Ok(())
+    }
+
+    fn create_permission(
+        &mut self,
+        now: Instant,
+        slot: u32,
+        msg: &MessageRef,
+    ) -> Result<Success, Refused> {
+        let relay = self.alloc(slot).map(|a| a.relay).ok_or((
+            ErrorCode::ALLOCATION_MISMATCH,
+            "no allocation",
+        ))?;
+        let mut any = false;
+        // All or nothing: check every address before installing any (RFC 8656 9.2).
+        for peer in msg.xor_peer_addresses() {
+            let peer = peer.map_err(|_| (ErrorCode::BAD_REQUEST, "malformed XOR-PEER-ADDRESS"))?;
+            self.check_peer(relay, peer)?;
+            any = true;
+        }
+        if !any {
+            return Err((ErrorCode::BAD_REQUEST, "no XOR-PEER-ADDRESS"));
+        }
+        let max = self.cfg.max_permissions;
+        let Some(a) = self.allocs[slot as usize].as_mut() else {
+            return Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation"));
+        };
+        let new = msg
+            .xor_peer_addresses()
+            .flatten()
+            .filter(|p| !a.perms.iter().any(|q| q.ip == p.ip()))
+            .count();
+        if a.perms.len() + new > max {
+            return Err((ErrorCode::INSUFFICIENT_CAPACITY, "too many permissions"));
+        }
+        let until = now + PERMISSION_LIFETIME;
+        for peer in msg.xor_peer_addresses().flatten() {
+            install_permission(a, peer.ip(), until, &mut self.stats);
+        }
+        self.schedule(slot, now);
+        Ok(Success::Empty)
+    }
+
+    fn channel_bind(&mut self, now: Instant, slot: u32, msg: &MessageRef) -> Result<Success, Refused> {
+        let bad = (ErrorCode::BAD_REQUEST, "malformed attribute");
+        let number = msg
+            .channel_number()
+            .map_err(|_| bad)?
+            .ok_or((ErrorCode::BAD_REQUEST, "no CHANNEL-NUMBER"))?;
+        let number = ChannelNumber::new(number)
+            .ok_or((ErrorCode::BAD_REQUEST, "channel number out of range"))?;
+        let peer = msg
+            .xor_peer_address()
+            .map_err(|_| bad)?
+            .ok_or((ErrorCode::BAD_REQUEST, "no XOR-PEER-ADDRESS"))?;
+        let relay = self.alloc(slot).map(|a| a.relay).ok_or((
+            ErrorCode::ALLOCATION_MISMATCH,
+            "no allocation",
+        ))?;
+        self.check_peer(relay, peer)?;
+        let max_channels = self.cfg.max_channels;
+        let max_perms = self.cfg.max_permissions;
+        let Some(a) = self.allocs[slot as usize].as_mut() else {
+            return Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation"));
+        };
+        // RFC 8656 12.2: a number is bound to one peer and a peer to one number, including
+        // during the cooldown after expiry.
+        let by_number = a.channels.iter().position(|c| c.number == number);
+        let by_peer = a.channels.iter().position(|c| c.peer == peer);
+        match (by_number, by_peer) {
+            (Some(i), Some(j)) if i == j => {}
+            (None, None) => {
+                if a.channels.len() >= max_channels {
+                    return Err((ErrorCode::INSUFFICIENT_CAPACITY, "too many channels"));
+                }
+            }
+            (Some(_), _) => {
+                return Err((ErrorCode::BAD_REQUEST, "channel number bound to another peer"));
+            }
+            (None, Some(_)) => {
+                return Err((ErrorCode::BAD_REQUEST, "peer bound to another channel"));
+            }
+        }
+        let has_perm = a.perms.iter().any(|p| p.ip == peer.ip());
+        if !has_perm && a.perms.len() >= max_perms {
+            return Err((ErrorCode::INSUFFICIENT_CAPACITY, "too many permissions"));
+        }
+        let until = now + CHANNEL_LIFETIME;
+        match by_number {
+            Some(i) => a.channels[i].until = until,
+            None => {
+                a.channels.push(Channel {
+                    number,
+                    peer,
+                    until,
+                });
+                self.stats.channels_bound += 1;
+            }
+        }
+        install_permission(a, peer.ip(), now + PERMISSION_LIFETIME, &mut self.stats);
+        self.schedule(slot, now);
+        Ok(Success::Empty)
+    }
+
+    fn send_indication(&mut self, now: Instant, client: ClientId, msg: &MessageRef) -> ClientAction {
+        let Some(&slot) = self.by_client.get(&client) else {
+            return self.dropped(Drop::NoAllocation);
+        };
+        let (Ok(Some(peer)), Some(payload)) = (msg.xor_peer_address(), msg.range_of(AttrType::DATA))
+        else {
+            return self.dropped(Drop::BadIndication);
+        };
+        let Some(a) = self.alloc(slot) else {
+            return self.dropped(Drop::NoAllocation);
+        };
+        if a.expires <= now || peer.is_ipv4() != a.relay.is_ipv4() {
+            return self.dropped(Drop::BadIndication);
+        }
+        if !a.permitted(peer.ip(), now) {
+            return self.dropped(Drop::NoPermission);
+        }
+        let relay = a.relay;
+        self.stats.to_peer_packets += 1;
+        self.stats.to_peer_bytes += payload.len() as u64;
+        ClientAction::Forward {
+            relay,
+            peer,
+            payload,
+        }
+    }
+
+    // ---------------------------------------------------------------- peer input
+
+    /// Handles a datagram from `peer` received on the relay socket bound to `relay`. The
+    /// payload is `buf[payload]`, and `payload.start` must be at least [`wire::HEADROOM`] with
+    /// [`wire::TAILROOM`] bytes of `buf` after `payload.end`: the ChannelData or Data
+    /// indication header is written in front of the payload, and padding after it.
+    #[inline]
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        buf: &mut [u8],
+        payload: Range<usize>,
+    ) -> PeerAction {
+        let slot = match relay.port().checked_sub(self.cfg.min_port) {
+            Some(i) => self.by_port.get(i as usize).copied().unwrap_or(NO_SLOT),
+            None => NO_SLOT,
+        };
+        let Some(a) = self.allocs.get(slot as usize).and_then(Option::as_ref) else {
+            self.stats.drop(Drop::NoAllocation);
+            return PeerAction::None;
+        };
+        let len = payload.len();
+        if a.expires <= now
+            || payload.start < wire::HEADROOM
+            || payload.end + wire::TAILROOM > buf.len()
+            || len > u16::MAX as usize - 64
+        {
+            self.stats.drop(Drop::NoAllocation);
+            return PeerAction::None;
+        }
+        if !a.permitted(peer.ip(), now) {
+            self.stats.drop(Drop::NoPermission);
+            return PeerAction::None;
+        }
+        let client = a.client;
+        let range = if let Some(ch) = a.channels.iter().find(|c| c.peer == peer && c.until > now) {
+            let start = payload.start - wire::CHANNEL_DATA_HEADER_LEN;
+            let hdr: &mut [u8; 4] = (&mut buf[start..payload.start])
+                .try_into()
+                .expect("a 4-byte range");
+            ChannelData::write_header(hdr, ch.number, len as u16);
+            let end = if client.transport == Transport::Tcp {
+                let padded = payload.start + pad4(len);
+                buf[payload.end..padded].fill(0);
+                padded
+            } else {
+                payload.end
+            };
+            start..end
+        } else {
+            let txid = self.rng.next();
+            write_data_indication(buf, payload, peer, txid)
+        };
+        self.stats.to_client_packets += 1;
+        self.stats.to_client_bytes += len as u64;
+        PeerAction::Forward { client, range }
+    }
+
+    // ---------------------------------------------------------------- time and teardown
+
+    /// The instant by which [`Self::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
+        let r = self.reservations.iter().map(|r| r.until).min();
+        match (t, r) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Expires permissions, channels, allocations and port reservations due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant, relays: &mut impl RelaySockets) {
+        while let Some(&Reverse((t, slot, gen_))) = self.timers.peek() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            if self.gens.get(slot as usize) != Some(&gen_) {
+                continue;
+            }
+            let Some(a) = self.allocs[slot as usize].as_mut() else {
+                continue;
+            };
+            if a.timer != Some(t) {
+                continue;
+            }
+            a.timer = None;
+            if a.expires <= now {
+                self.remove(slot, EndReason::Expired, relays);
+                continue;
+            }
+            a.sweep(now);
+            let next = a.next_deadline(now);
+            a.timer = Some(next);
+            self.timers.push(Reverse((next, slot, gen_)));
+        }
+        let ports = &mut self.ports;
+        self.reservations.retain(|r| {
+            let keep = r.until > now;
+            if !keep {
+                ports.release(r.port);
+            }
+            keep
+        });
+    }
+
+    /// A stream client's connection closed: its allocation goes (RFC 8656 3.1 / 7).
+    pub fn handle_client_closed(&mut self, client: ClientId, relays: &mut impl RelaySockets) {
+        if let Some(&slot) = self.by_client.get(&client) {
+            self.remove(slot, EndReason::ConnectionClosed, relays);
+        }
+    }
+
+    /// Deletes every allocation (at shutdown).
+    pub fn close_all(&mut self, relays: &mut impl RelaySockets) {
+        let slots: Vec<u32> = self.by_client.values().copied().collect();
+        for s in slots {
+            self.remove(s, EndReason::ConnectionClosed, relays);
+        }
+    }
+
+    /// Checks the internal tables against each other (used by tests and fuzzing).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let live: Vec<&Allocation> = self.allocs.iter().flatten().collect();
+        if live.len() != self.live || self.by_client.len() != self.live {
+            return Err(format!(
+                "live {} slots {} by_client {}",
+                self.live,
+                live.len(),
+                self.by_client.len()
+            ));
+        }
+        let mapped = self.by_port.iter().filter(|s| **s != NO_SLOT).count();
+        if mapped != self.live {
+            return Err(format!("by_port {mapped} != live {}", self.live));
+        }
+        if self.ports.used() != self.live + self.reservations.len() {
+            return Err(format!(
+                "ports used {} != live {} + reservations {}",
+                self.ports.used(),
+                self.live,
+                self.reservations.len()
+            ));
+        }
+        for a in live {
+            if self.by_client.get(&a.client).and_then(|s| self.alloc(*s)).map(|b| b.relay) != Some(a.relay) {
+                return Err(format!("by_client broken for {}", a.client));
+            }
+            if a.timer.is_none() {
+                return Err(format!("allocation {} has no timer", a.relay));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn install_permission(a: &mut Allocation, ip: IpAddr, until: Instant, stats: &mut Stats) {
+    match a.perms.iter_mut().find(|p| p.ip == ip) {
+        Some(p) => p.until = p.until.max(until),
+        None => {
+            a.perms.push(Permission { ip, until });
+            stats.permissions_created += 1;
+        }
+    }
+}
+
+/// Writes a Data indication (RFC 8656 11.4) around `buf[payload]` in place and returns its
+/// range: header, XOR-PEER-ADDRESS and the DATA attribute header in front, padding after.
+fn write_data_indication(
+    buf: &mut [u8],
+    payload: Range<usize>,
+    peer: SocketAddr,
+    txid: u64,
+) -> Range<usize> {
+    let len = payload.len();
+    let mut tid = [0u8; 12];
+    tid[4..].copy_from_slice(&txid.to_be_bytes());
+    let tid = TransactionId(tid);
+    let mut addr = [0u8; 20];
+    let alen = wire::encode_address(wire::xor_addr(peer, &tid), &mut addr);
+    let start = payload.start - (HEADER_LEN + 4 + alen + 4);
+    let body = 4 + alen + 4 + pad4(len);
+    let mut o = start;
+    let mut put = |bytes: &[u8]| {
+        buf[o..o + bytes.len()].copy_from_slice(bytes);
+        o += bytes.len();
+    };
+    put(&wire::message_type(Method::DATA, Class::Indication).to_be_bytes());
+    put(&(body as u16).to_be_bytes());
+    put(&MAGIC_COOKIE.to_be_bytes());
+    put(&tid.0);
+    put(&AttrType::XOR_PEER_ADDRESS.0.to_be_bytes());
+    put(&(alen as u16).to_be_bytes());
+    put(&addr[..alen]);
+    put(&AttrType::DATA.0.to_be_bytes());
+    put(&(len as u16).to_be_bytes());
+    let end = payload.start + pad4(len);
+    buf[payload.end..end].fill(0);
+    start..end
+}

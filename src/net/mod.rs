@@ -1,0 +1,388 @@
+//! Tokio drivers: the sockets, the buffers, and the loops that feed the sans-IO core.
+//!
+//! One [`Driver`] runs on one thread (a current-thread runtime with a `LocalSet`) and owns one
+//! [`Server`]. Every task on that thread shares the driver through an `Rc`; the core sits in a
+//! `RefCell` that is borrowed only between awaits, so no lock is ever taken.
+//!
+//! Receive paths wait for readiness and then drain the socket with non-blocking reads into
+//! one preallocated buffer per driver: a relay socket or a UDP listener owns no buffer of its
+//! own, and a relayed packet is received, given a header in place, and sent without a copy or
+//! an allocation. Sends are non-blocking too: a UDP send that would block drops the datagram
+//! (as a full network would); a TCP send that would block queues whole frames up to a bound.
+
+mod tcp;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::net::UdpSocket;
+use tokio::task::{AbortHandle, JoinSet};
+use tracing::{debug, info, warn};
+
+use crate::auth::Users;
+use crate::config::{Config, UserKey};
+use crate::core::{ClientAction, ClientId, PeerAction, RelaySockets, Server, ServerConfig, Transport};
+use crate::wire::{HEADROOM, TAILROOM};
+
+pub use tcp::TcpConn;
+
+/// Largest UDP payload, and so the largest datagram a relay or listener socket reads.
+const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams drained from one socket per wakeup before yielding to other tasks.
+const BATCH: usize = 64;
+/// Size of the reply buffer: a response never carries DATA, so this bounds REALM, NONCE,
+/// SOFTWARE and addresses with room to spare.
+const REPLY_BUF: usize = 4096;
+
+/// Builds the core's configuration from the validated file configuration.
+pub fn server_config(cfg: &Config) -> ServerConfig {
+    let users = cfg.auth.then(|| {
+        let mut u = Users::new(&cfg.realm);
+        for (name, key) in &cfg.users {
+            match key {
+                UserKey::Password(p) => u.add_password(name, p),
+                UserKey::Ha1(k) => u.add_key(name, *k),
+            }
+        }
+        u
+    });
+    let mut sc = ServerConfig::new(cfg.relay_ips[0], users);
+    sc.relay_ips = cfg.relay_ips.clone();
+    sc.external_ips = cfg.external_ips.iter().map(|e| (e.public, e.private)).collect();
+    sc.software = cfg.software.clone();
+    sc.fingerprint = cfg.fingerprint;
+    sc.min_port = cfg.min_port;
+    sc.max_port = cfg.max_port;
+    sc.default_lifetime = cfg.default_allocate_lifetime;
+    sc.max_lifetime = cfg.max_allocate_lifetime;
+    sc.stale_nonce = cfg.stale_nonce;
+    sc.allow_loopback_peers = cfg.allow_loopback_peers;
+    sc
+}
+
+/// Scratch buffers shared by every receive path of a driver.
+struct Buffers {
+    /// Datagrams are received at `HEADROOM` so a header can be written in front.
+    input: Box<[u8]>,
+    reply: Box<[u8]>,
+}
+
+/// The relay sockets of a driver, indexed by port.
+pub struct RelayTable {
+    min_port: u16,
+    sockets: Vec<Option<(Rc<UdpSocket>, AbortHandle)>>,
+    driver: Weak<Driver>,
+    tasks: JoinSet<()>,
+}
+
+impl RelayTable {
+    fn get(&self, addr: SocketAddr) -> Option<&Rc<UdpSocket>> {
+        let i = addr.port().checked_sub(self.min_port)? as usize;
+        self.sockets.get(i)?.as_ref().map(|(s, _)| s)
+    }
+
+    fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+        let s = std::net::UdpSocket::bind(addr)?;
+        s.set_nonblocking(true)?;
+        UdpSocket::from_std(s)
+    }
+}
+
+impl RelaySockets for RelayTable {
+    fn open(&mut self, addr: SocketAddr) -> bool {
+        let Some(i) = addr.port().checked_sub(self.min_port).map(usize::from) else {
+            return false;
+        };
+        if i >= self.sockets.len() {
+            return false;
+        }
+        let sock = match Self::bind(addr) {
+            Ok(s) => Rc::new(s),
+            Err(e) => {
+                debug!(%addr, error = %e, "relay port unavailable");
+                return false;
+            }
+        };
+        let abort = self
+            .tasks
+            .spawn_local(relay_loop(self.driver.clone(), sock.clone(), addr));
+        self.sockets[i] = Some((sock, abort));
+        true
+    }
+
+    fn close(&mut self, addr: SocketAddr) {
+        let Some(i) = addr.port().checked_sub(self.min_port).map(usize::from) else {
+            return;
+        };
+        if let Some((_, abort)) = self.sockets.get_mut(i).and_then(Option::take) {
+            abort.abort();
+        }
+    }
+}
+
+/// Everything one thread needs to serve: the core, the sockets, the buffers.
+pub struct Driver {
+    server: RefCell<Server>,
+    relays: RefCell<RelayTable>,
+    udp: Vec<(SocketAddr, Rc<UdpSocket>)>,
+    tcp: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<TcpConn>>>,
+    bufs: RefCell<Buffers>,
+}
+
+impl Driver {
+    /// Sends a relayed frame to a client over the transport it came in on.
+    fn send_to_client(&self, client: &ClientId, bytes: &[u8]) {
+        match client.transport {
+            Transport::Udp => {
+                if let Some((_, s)) = self.udp.iter().find(|(a, _)| *a == client.local) {
+                    let _ = s.try_send_to(bytes, client.remote);
+                }
+            }
+            Transport::Tcp => {
+                if let Some(c) = self.tcp.borrow().get(&(client.remote, client.local)) {
+                    c.send(bytes);
+                }
+            }
+        }
+    }
+
+    /// Feeds one client datagram or frame to the core and performs the action. `reply_to`
+    /// sends a reply back to the client.
+    fn client_input(
+        &self,
+        now: Instant,
+        client: ClientId,
+        input: &[u8],
+        reply: &mut [u8],
+        reply_to: impl FnOnce(&[u8]),
+    ) {
+        let action = {
+            let mut relays = self.relays.borrow_mut();
+            self.server
+                .borrow_mut()
+                .handle_client(now, client, input, reply, &mut *relays)
+        };
+        match action {
+            ClientAction::None => {}
+            ClientAction::Reply(n) => reply_to(&reply[..n]),
+            ClientAction::Forward {
+                relay,
+                peer,
+                payload,
+            } => {
+                if let Some(s) = self.relays.borrow().get(relay) {
+                    let _ = s.try_send_to(&input[payload], peer);
+                }
+            }
+        }
+    }
+
+    fn drain_udp_listener(&self, sock: &UdpSocket, local: SocketAddr) {
+        let mut bufs = self.bufs.borrow_mut();
+        let Buffers { input, reply } = &mut *bufs;
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            match sock.try_recv_from(&mut input[..MAX_DATAGRAM]) {
+                Ok((n, remote)) => {
+                    let client = ClientId {
+                        transport: Transport::Udp,
+                        remote,
+                        local,
+                    };
+                    self.client_input(now, client, &input[..n], reply, |r| {
+                        let _ = sock.try_send_to(r, remote);
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!(%local, error = %e, "udp receive error");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn drain_relay(&self, sock: &UdpSocket, relay: SocketAddr) {
+        let mut bufs = self.bufs.borrow_mut();
+        let buf = &mut bufs.input[..];
+        let now = Instant::now();
+        for _ in 0..BATCH {
+            match sock.try_recv_from(&mut buf[HEADROOM..HEADROOM + MAX_DATAGRAM]) {
+                Ok((n, peer)) => {
+                    let action = self.server.borrow_mut().handle_peer(
+                        now,
+                        relay,
+                        peer,
+                        buf,
+                        HEADROOM..HEADROOM + n,
+                    );
+                    if let PeerAction::Forward { client, range } = action {
+                        self.send_to_client(&client, &buf[range]);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    debug!(%relay, error = %e, "relay receive error");
+                    break;
+                }
+            }
+        }
+    }
+
+    fn on_timer(&self) {
+        let mut relays = self.relays.borrow_mut();
+        self.server
+            .borrow_mut()
+            .handle_timeout(Instant::now(), &mut *relays);
+    }
+
+    /// Counters of the core, for tests and the metrics exporter.
+    pub fn stats(&self) -> crate::core::Stats {
+        self.server.borrow().stats().clone()
+    }
+}
+
+async fn relay_loop(driver: Weak<Driver>, sock: Rc<UdpSocket>, relay: SocketAddr) {
+    loop {
+        if sock.readable().await.is_err() {
+            return;
+        }
+        let Some(d) = driver.upgrade() else { return };
+        d.drain_relay(&sock, relay);
+        // Let the listeners and other relays run between batches.
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn udp_listener_loop(driver: Rc<Driver>, idx: usize) {
+    let (local, sock) = driver.udp[idx].clone();
+    loop {
+        if let Err(e) = sock.readable().await {
+            warn!(%local, error = %e, "udp listener failed");
+            return;
+        }
+        driver.drain_udp_listener(&sock, local);
+        tokio::task::yield_now().await;
+    }
+}
+
+async fn timer_loop(driver: Rc<Driver>) {
+    loop {
+        let next = driver.server.borrow().poll_timeout();
+        let cap = Instant::now() + Duration::from_secs(1);
+        let wake = next.map_or(cap, |t| t.min(cap));
+        tokio::time::sleep_until(tokio::time::Instant::from_std(wake)).await;
+        driver.on_timer();
+    }
+}
+
+/// A bound set of listeners, ready to serve.
+pub struct Listeners {
+    udp: Vec<std::net::UdpSocket>,
+    tcp: Vec<std::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds every listener of the configuration, or fails naming the address.
+    pub fn bind(cfg: &Config) -> Result<Self, String> {
+        let mut l = Listeners {
+            udp: Vec::new(),
+            tcp: Vec::new(),
+        };
+        for ip in &cfg.listening_ips {
+            let addr = SocketAddr::new(*ip, cfg.listening_port);
+            if !cfg.no_udp {
+                let s = std::net::UdpSocket::bind(addr)
+                    .map_err(|e| format!("cannot listen on udp {addr}: {e}"))?;
+                s.set_nonblocking(true)
+                    .map_err(|e| format!("udp {addr}: {e}"))?;
+                l.udp.push(s);
+            }
+            if !cfg.no_tcp {
+                let s = std::net::TcpListener::bind(addr)
+                    .map_err(|e| format!("cannot listen on tcp {addr}: {e}"))?;
+                s.set_nonblocking(true)
+                    .map_err(|e| format!("tcp {addr}: {e}"))?;
+                l.tcp.push(s);
+            }
+        }
+        Ok(l)
+    }
+
+    /// The bound UDP addresses, then the TCP ones.
+    pub fn addrs(&self) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
+        (
+            self.udp.iter().filter_map(|s| s.local_addr().ok()).collect(),
+            self.tcp.iter().filter_map(|s| s.local_addr().ok()).collect(),
+        )
+    }
+}
+
+/// Serves until `shutdown` completes. Must run inside a `LocalSet` on a current-thread runtime.
+pub async fn serve(
+    cfg: &Config,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> io::Result<()> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| io::Error::other(e.to_string()))?;
+    let mut seed = [0u8; 8];
+    getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
+    let server = Server::new(
+        server_config(cfg),
+        secret,
+        u64::from_le_bytes(seed),
+        Instant::now(),
+    );
+    let mut udp = Vec::new();
+    for s in listeners.udp {
+        let local = s.local_addr()?;
+        udp.push((local, Rc::new(UdpSocket::from_std(s)?)));
+    }
+    let span = (cfg.max_port - cfg.min_port) as usize + 1;
+    let driver = Rc::new_cyclic(|me| Driver {
+        server: RefCell::new(server),
+        relays: RefCell::new(RelayTable {
+            min_port: cfg.min_port,
+            sockets: (0..span).map(|_| None).collect(),
+            driver: me.clone(),
+            tasks: JoinSet::new(),
+        }),
+        udp,
+        tcp: RefCell::new(HashMap::new()),
+        bufs: RefCell::new(Buffers {
+            input: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
+            reply: vec![0u8; REPLY_BUF].into_boxed_slice(),
+        }),
+    });
+
+    let mut tasks = JoinSet::new();
+    for (i, (local, _)) in driver.udp.iter().enumerate() {
+        info!(listener = %local, transport = "udp", "listening");
+        tasks.spawn_local(udp_listener_loop(driver.clone(), i));
+    }
+    for s in listeners.tcp {
+        let l = tokio::net::TcpListener::from_std(s)?;
+        info!(listener = %l.local_addr()?, transport = "tcp", "listening");
+        tasks.spawn_local(tcp::accept_loop(driver.clone(), l));
+    }
+    info!(
+        relay_ips = ?cfg.relay_ips,
+        min_port = cfg.min_port,
+        max_port = cfg.max_port,
+        "relay ports"
+    );
+    tasks.spawn_local(timer_loop(driver.clone()));
+
+    shutdown.await;
+    info!("shutting down");
+    tasks.abort_all();
+    let mut relays = driver.relays.borrow_mut();
+    driver.server.borrow_mut().close_all(&mut *relays);
+    relays.tasks.abort_all();
+    Ok(())
+}
