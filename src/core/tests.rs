@@ -1,0 +1,1014 @@
+//! Core scenarios on a fake clock: requests are built with the codec, fed to the server with an
+//! explicit `now`, and the responses are parsed and checked attribute by attribute.
+
+use super::*;
+use crate::auth::long_term_key;
+use crate::wire::{MessageRef, PROTO_TCP};
+use std::collections::HashSet;
+
+const REALM: &str = "example.org";
+const USER: &str = "alice";
+const PASS: &str = "secret";
+
+#[derive(Default)]
+struct FakeRelays {
+    open: HashSet<SocketAddr>,
+    /// Ports that fail to bind, as if another program held them.
+    taken: HashSet<u16>,
+    closed: Vec<SocketAddr>,
+}
+
+impl RelaySockets for FakeRelays {
+    fn open(&mut self, addr: SocketAddr) -> bool {
+        if self.taken.contains(&addr.port()) {
+            return false;
+        }
+        assert!(self.open.insert(addr), "{addr} opened twice");
+        true
+    }
+    fn close(&mut self, addr: SocketAddr) {
+        assert!(self.open.remove(&addr), "{addr} closed but not open");
+        self.closed.push(addr);
+    }
+}
+
+struct H {
+    s: Server,
+    relays: FakeRelays,
+    t0: Instant,
+    now: Instant,
+    nonce: Vec<u8>,
+    txn: u8,
+}
+
+fn relay_ip() -> IpAddr {
+    "192.0.2.10".parse().unwrap()
+}
+
+fn cfg() -> ServerConfig {
+    let mut users = Users::new(REALM);
+    users.add_password(USER, PASS);
+    users.add_password("bob", "builder");
+    let mut c = ServerConfig::new(relay_ip(), Some(users));
+    c.min_port = 50000;
+    c.max_port = 50099;
+    c
+}
+
+fn client(port: u16) -> ClientId {
+    ClientId {
+        transport: Transport::Udp,
+        remote: SocketAddr::from(([198, 51, 100, 1], port)),
+        local: SocketAddr::from(([192, 0, 2, 1], 3478)),
+    }
+}
+
+fn tcp_client(port: u16) -> ClientId {
+    ClientId {
+        transport: Transport::Tcp,
+        ..client(port)
+    }
+}
+
+fn key() -> [u8; 16] {
+    long_term_key(USER, REALM, PASS)
+}
+
+/// Owned copy of a response for inspection.
+struct Resp(Vec<u8>);
+
+impl Resp {
+    fn msg(&self) -> MessageRef<'_> {
+        MessageRef::parse(&self.0).expect("response parses")
+    }
+    fn code(&self) -> Option<u16> {
+        self.msg().error_code().unwrap().map(|(c, _)| c)
+    }
+    fn class(&self) -> Class {
+        self.msg().class()
+    }
+}
+
+impl H {
+    fn new() -> Self {
+        Self::with(cfg())
+    }
+
+    fn with(c: ServerConfig) -> Self {
+        let t0 = Instant::now();
+        H {
+            s: Server::new(c, [7; 32], 42, t0),
+            relays: FakeRelays::default(),
+            t0,
+            now: t0,
+            nonce: Vec::new(),
+            txn: 0,
+        }
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+        self.s.handle_timeout(self.now, &mut self.relays);
+        self.s.check_invariants().unwrap();
+    }
+
+    fn at(&self) -> u64 {
+        self.now.duration_since(self.t0).as_secs()
+    }
+
+    fn txid(&mut self) -> TransactionId {
+        self.txn = self.txn.wrapping_add(1);
+        TransactionId([self.txn; 12])
+    }
+
+    /// Builds a request; with `user` set it carries USERNAME, REALM, the last NONCE and
+    /// MESSAGE-INTEGRITY under that user's key.
+    fn build(
+        &mut self,
+        method: Method,
+        txid: TransactionId,
+        user: Option<(&str, &str)>,
+        add: impl FnOnce(&mut MessageWriter),
+    ) -> Vec<u8> {
+        let mut buf = vec![0u8; 1024];
+        let mut w = MessageWriter::new(&mut buf, method, Class::Request, &txid);
+        add(&mut w);
+        if let Some((u, p)) = user {
+            w.add(AttrType::USERNAME, u.as_bytes())
+                .add(AttrType::REALM, REALM.as_bytes())
+                .add(AttrType::NONCE, &self.nonce)
+                .add_integrity(&long_term_key(u, REALM, p));
+        }
+        w.add_fingerprint();
+        let n = w.finish().unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn send(&mut self, c: ClientId, input: &[u8]) -> ClientAction {
+        let mut out = [0u8; 2048];
+        let a = self
+            .s
+            .handle_client(self.now, c, input, &mut out, &mut self.relays);
+        self.s.check_invariants().unwrap();
+        a
+    }
+
+    fn request(&mut self, c: ClientId, input: &[u8]) -> Resp {
+        let mut out = [0u8; 2048];
+        let a = self
+            .s
+            .handle_client(self.now, c, input, &mut out, &mut self.relays);
+        self.s.check_invariants().unwrap();
+        match a {
+            ClientAction::Reply(n) => {
+                let r = Resp(out[..n].to_vec());
+                let m = r.msg();
+                assert_eq!(m.transaction_id().0, input[8..20]);
+                assert_eq!(m.fingerprint_valid(), Some(true));
+                if let Ok(Some(n)) = m.nonce() {
+                    self.nonce = n.to_vec();
+                }
+                r
+            }
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    /// An authenticated request as `alice`, after fetching a nonce if there is none.
+    fn auth(&mut self, c: ClientId, method: Method, add: impl FnOnce(&mut MessageWriter)) -> Resp {
+        self.auth_as(c, method, (USER, PASS), add)
+    }
+
+    fn auth_as(
+        &mut self,
+        c: ClientId,
+        method: Method,
+        user: (&str, &str),
+        add: impl FnOnce(&mut MessageWriter),
+    ) -> Resp {
+        if self.nonce.is_empty() {
+            let t = self.txid();
+            let probe = self.build(Method::ALLOCATE, t, None, |_| {});
+            let r = self.request(client(1), &probe);
+            assert_eq!(r.code(), Some(401));
+        }
+        let t = self.txid();
+        let req = self.build(method, t, Some(user), add);
+        let r = self.request(c, &req);
+        if r.code() == Some(438) {
+            // Like a real client: retry once, in a new transaction, with the fresh nonce.
+            let mut req = req;
+            let t = self.txid();
+            req[8..20].copy_from_slice(&t.0);
+            return self.rebuild_and_send(c, &req, user);
+        }
+        r
+    }
+
+    /// Re-signs `req` with the current nonce and sends it.
+    fn rebuild_and_send(&mut self, c: ClientId, req: &[u8], user: (&str, &str)) -> Resp {
+        let m = MessageRef::parse(req).unwrap();
+        let mut buf = vec![0u8; 1024];
+        let mut w = MessageWriter::new(&mut buf, m.method(), Class::Request, m.transaction_id());
+        for (t, v) in m.attributes() {
+            if ![AttrType::USERNAME, AttrType::REALM, AttrType::NONCE].contains(&t) {
+                w.add(t, v);
+            }
+        }
+        w.add(AttrType::USERNAME, user.0.as_bytes())
+            .add(AttrType::REALM, REALM.as_bytes())
+            .add(AttrType::NONCE, &self.nonce)
+            .add_integrity(&long_term_key(user.0, REALM, user.1))
+            .add_fingerprint();
+        let n = w.finish().unwrap();
+        buf.truncate(n);
+        self.request(c, &buf)
+    }
+
+    fn allocate(&mut self, c: ClientId) -> Resp {
+        self.auth(c, Method::ALLOCATE, |w| {
+            w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+        })
+    }
+
+    fn allocate_ok(&mut self, c: ClientId) -> SocketAddr {
+        let r = self.allocate(c);
+        assert_eq!(r.class(), Class::Success, "allocate failed: {:?}", r.code());
+        assert!(r.msg().verify_integrity(&key()));
+        r.msg()
+            .xor_address(AttrType::XOR_RELAYED_ADDRESS)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn permit(&mut self, c: ClientId, peer: SocketAddr) -> Resp {
+        self.auth(c, Method::CREATE_PERMISSION, |w| {
+            w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    fn bind(&mut self, c: ClientId, number: u16, peer: SocketAddr) -> Resp {
+        self.auth(c, Method::CHANNEL_BIND, |w| {
+            w.add_u32(AttrType::CHANNEL_NUMBER, (number as u32) << 16)
+                .add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    fn refresh(&mut self, c: ClientId, lifetime: Option<u32>) -> Resp {
+        self.auth(c, Method::REFRESH, |w| {
+            if let Some(l) = lifetime {
+                w.add_u32(AttrType::LIFETIME, l);
+            }
+        })
+    }
+
+    fn send_indication(&mut self, c: ClientId, peer: SocketAddr, data: &[u8]) -> ClientAction {
+        let mut buf = vec![0u8; 2048];
+        let t = self.txid();
+        let mut w = MessageWriter::new(&mut buf, Method::SEND, Class::Indication, &t);
+        w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer)
+            .add(AttrType::DATA, data);
+        let n = w.finish().unwrap();
+        buf.truncate(n);
+        let a = self.send(c, &buf);
+        if let ClientAction::Forward { payload, .. } = &a {
+            assert_eq!(&buf[payload.clone()], data);
+        }
+        a
+    }
+
+    fn channel_data(&mut self, c: ClientId, number: u16, data: &[u8]) -> ClientAction {
+        let mut buf = number.to_be_bytes().to_vec();
+        buf.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        buf.extend_from_slice(data);
+        let a = self.send(c, &buf);
+        if let ClientAction::Forward { payload, .. } = &a {
+            assert_eq!(&buf[payload.clone()], data);
+        }
+        a
+    }
+
+    /// A datagram from `peer` arriving at `relay`; returns the bytes for the client.
+    fn from_peer(
+        &mut self,
+        relay: SocketAddr,
+        peer: SocketAddr,
+        data: &[u8],
+    ) -> Option<(ClientId, Vec<u8>)> {
+        let mut buf = vec![0u8; wire::HEADROOM + data.len() + wire::TAILROOM];
+        buf[wire::HEADROOM..wire::HEADROOM + data.len()].copy_from_slice(data);
+        let range = wire::HEADROOM..wire::HEADROOM + data.len();
+        match self.s.handle_peer(self.now, relay, peer, &mut buf, range) {
+            PeerAction::Forward { client, range } => Some((client, buf[range].to_vec())),
+            PeerAction::None => None,
+        }
+    }
+}
+
+fn peer() -> SocketAddr {
+    "203.0.113.5:7000".parse().unwrap()
+}
+
+/// A public peer (documentation ranges are refused by the default policy).
+fn public_peer(port: u16) -> SocketAddr {
+    SocketAddr::from(([8, 8, 4, 4], port))
+}
+
+/// Public peers on distinct IP addresses.
+fn other_peer(i: u8) -> SocketAddr {
+    SocketAddr::from(([9, 9, 9, i], 7000))
+}
+
+#[test]
+fn unauthenticated_allocate_gets_401_with_realm_and_nonce_then_succeeds() {
+    let mut h = H::new();
+    let t = h.txid();
+    let req = h.build(Method::ALLOCATE, t, None, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+    });
+    let r = h.request(client(1000), &req);
+    assert_eq!(r.code(), Some(401));
+    let m = r.msg();
+    assert_eq!(m.realm().unwrap(), Some(REALM));
+    assert!(m.nonce().unwrap().is_some_and(|n| n.len() == NONCE_LEN));
+    assert_eq!(
+        m.integrity(),
+        None,
+        "a challenge carries no MESSAGE-INTEGRITY"
+    );
+    assert_eq!(h.s.allocation_count(), 0);
+
+    let relay = h.allocate_ok(client(1000));
+    assert_eq!(relay.ip(), relay_ip());
+    assert!((50000..=50099).contains(&relay.port()));
+    assert!(h.relays.open.contains(&relay));
+    let r = h.allocate(client(1001));
+    let m = r.msg();
+    assert_eq!(m.lifetime().unwrap(), Some(600));
+    assert_eq!(
+        m.xor_address(AttrType::XOR_MAPPED_ADDRESS).unwrap(),
+        Some(client(1001).remote)
+    );
+    assert_eq!(m.software().unwrap(), Some(h.s.config().software.as_str()));
+    assert_eq!(h.s.allocation_count(), 2);
+    assert_eq!(h.s.stats().allocations_created, 2);
+}
+
+#[test]
+fn wrong_password_gets_401_and_no_allocation() {
+    let mut h = H::new();
+    let r = h.auth_as(client(1), Method::ALLOCATE, (USER, "nope"), |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+    });
+    assert_eq!(r.code(), Some(401));
+    assert_eq!(r.msg().integrity(), None);
+    let r = h.auth_as(client(1), Method::ALLOCATE, ("mallory", "x"), |_| {});
+    assert_eq!(r.code(), Some(401));
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.s.stats().auth_failures, 2);
+    assert!(h.relays.open.is_empty());
+}
+
+#[test]
+fn integrity_without_username_is_400() {
+    let mut h = H::new();
+    let t = h.txid();
+    let req = h.build(Method::ALLOCATE, t, None, |w| {
+        w.add(AttrType::REALM, REALM.as_bytes())
+            .add_integrity(&key());
+    });
+    let r = h.request(client(1), &req);
+    assert_eq!(r.code(), Some(400));
+    assert_eq!(r.msg().nonce().unwrap(), None);
+}
+
+#[test]
+fn expired_nonce_gets_438_and_a_fresh_nonce_works() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    h.refresh(client(1), Some(3600));
+    let old = h.nonce.clone();
+    h.advance(601);
+    let t = h.txid();
+    let req = h.build(Method::REFRESH, t, Some((USER, PASS)), |w| {
+        w.add_u32(AttrType::LIFETIME, 600);
+    });
+    let r = h.request(client(1), &req);
+    assert_eq!(r.code(), Some(438));
+    assert_eq!(r.msg().realm().unwrap(), Some(REALM));
+    assert_ne!(h.nonce, old, "438 carries a new nonce");
+    let r = h.refresh(client(1), Some(600));
+    assert_eq!(r.class(), Class::Success);
+    // A nonce issued to another address is stale for this one.
+    let elsewhere = ClientId {
+        remote: "198.51.100.2:1".parse().unwrap(),
+        ..client(1)
+    };
+    let t = h.txid();
+    let req = h.build(Method::REFRESH, t, Some((USER, PASS)), |_| {});
+    assert_eq!(h.request(elsewhere, &req).code(), Some(438));
+}
+
+#[test]
+fn allocation_mismatch_and_retransmission() {
+    let mut h = H::new();
+    h.allocate(client(1)); // fetches a nonce
+    h.nonce.clear();
+    let _ = h.auth(client(5), Method::BINDING, |_| {});
+    let t = h.txid();
+    let req = h.build(Method::ALLOCATE, t, Some((USER, PASS)), |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+    });
+    let first = h.request(client(2), &req);
+    assert_eq!(first.class(), Class::Success);
+    // The same request again (a retransmission) gets the same allocation.
+    let again = h.request(client(2), &req);
+    assert_eq!(again.class(), Class::Success);
+    assert_eq!(
+        first.msg().xor_address(AttrType::XOR_RELAYED_ADDRESS),
+        again.msg().xor_address(AttrType::XOR_RELAYED_ADDRESS)
+    );
+    assert_eq!(h.s.allocation_count(), 2);
+    // A new Allocate on the same 5-tuple is a mismatch, answered with integrity.
+    let r = h.allocate(client(2));
+    assert_eq!(r.code(), Some(437));
+    assert!(r.msg().verify_integrity(&key()));
+    // Requests on a 5-tuple without an allocation: 437.
+    assert_eq!(h.refresh(client(3), None).code(), Some(437));
+    assert_eq!(h.permit(client(3), peer()).code(), Some(437));
+    assert_eq!(h.bind(client(3), 0x4000, peer()).code(), Some(437));
+}
+
+#[test]
+fn transport_and_family_errors() {
+    let mut h = H::new();
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_TCP as u32) << 24);
+    });
+    assert_eq!(r.code(), Some(442));
+    let r = h.auth(client(1), Method::ALLOCATE, |_| {});
+    assert_eq!(r.code(), Some(400));
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add_u32(
+                AttrType::REQUESTED_ADDRESS_FAMILY,
+                (FAMILY_IPV6 as u32) << 24,
+            );
+    });
+    assert_eq!(r.code(), Some(440));
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add_u32(AttrType::REQUESTED_ADDRESS_FAMILY, 7 << 24);
+    });
+    assert_eq!(r.code(), Some(440));
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::RESERVATION_TOKEN, &[0; 8])
+            .add(AttrType::EVEN_PORT, &[0]);
+    });
+    assert_eq!(r.code(), Some(400));
+    assert_eq!(h.s.allocation_count(), 0);
+    assert!(h.s.stats().errors_with(442) == 1 && h.s.stats().errors_with(440) == 2);
+}
+
+#[test]
+fn user_quota_gives_486_and_frees_on_delete() {
+    let mut c = cfg();
+    c.user_quota = 1;
+    let mut h = H::with(c);
+    h.allocate_ok(client(1));
+    assert_eq!(h.allocate(client(2)).code(), Some(486));
+    // Another user is not affected.
+    let r = h.auth_as(client(3), Method::ALLOCATE, ("bob", "builder"), |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+    });
+    assert_eq!(r.class(), Class::Success);
+    h.refresh(client(1), Some(0));
+    h.allocate_ok(client(2));
+}
+
+#[test]
+fn total_quota_gives_486() {
+    let mut c = cfg();
+    c.total_quota = 2;
+    let mut h = H::with(c);
+    h.allocate_ok(client(1));
+    h.allocate_ok(client(2));
+    assert_eq!(h.allocate(client(3)).code(), Some(486));
+}
+
+#[test]
+fn exhausted_port_range_gives_508_and_ports_return() {
+    let mut c = cfg();
+    c.min_port = 50000;
+    c.max_port = 50002;
+    let mut h = H::with(c);
+    h.relays.taken.insert(50001);
+    let a = h.allocate_ok(client(1));
+    let b = h.allocate_ok(client(2));
+    assert_ne!(a.port(), 50001);
+    assert_ne!(b.port(), 50001);
+    assert_eq!(h.allocate(client(3)).code(), Some(508));
+    assert_eq!(h.s.stats().errors_with(508), 1);
+    // Deleting one returns its port to the pool.
+    assert_eq!(h.refresh(client(1), Some(0)).class(), Class::Success);
+    assert_eq!(h.s.ports_in_use(), 1);
+    assert_eq!(h.allocate_ok(client(3)).port(), a.port());
+}
+
+#[test]
+fn refresh_lifetimes_and_expiry_return_the_port() {
+    let mut h = H::new();
+    let relay = h.allocate_ok(client(1));
+    let lifetime = |r: Resp| r.msg().lifetime().unwrap();
+    assert_eq!(lifetime(h.refresh(client(1), Some(1200))), Some(1200));
+    assert_eq!(lifetime(h.refresh(client(1), Some(99999))), Some(3600));
+    assert_eq!(lifetime(h.refresh(client(1), Some(10))), Some(600));
+    assert_eq!(lifetime(h.refresh(client(1), None)), Some(600));
+    // Refreshed at t=0 for 600 s: alive at 599, gone at 600.
+    h.advance(599);
+    assert_eq!(h.s.allocation_count(), 1);
+    h.advance(1);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.s.ports_in_use(), 0);
+    assert_eq!(h.relays.closed, vec![relay]);
+    assert_eq!(
+        h.s.stats().allocations_ended[EndReason::Expired as usize],
+        1
+    );
+    assert_eq!(h.s.poll_timeout(), None);
+}
+
+#[test]
+fn refresh_zero_deletes_and_a_repeat_gets_437() {
+    let mut h = H::new();
+    let relay = h.allocate_ok(client(1));
+    let r = h.refresh(client(1), Some(0));
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.msg().lifetime().unwrap(), Some(0));
+    assert!(r.msg().verify_integrity(&key()));
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.relays.closed, vec![relay]);
+    assert_eq!(h.refresh(client(1), Some(0)).code(), Some(437));
+    // The 5-tuple may allocate again.
+    h.allocate_ok(client(1));
+}
+
+#[test]
+fn permissions_gate_both_directions_and_expire_after_300s() {
+    let mut h = H::new();
+    let relay = h.allocate_ok(client(1));
+    let p = public_peer(9000);
+    assert_eq!(h.send_indication(client(1), p, b"x"), ClientAction::None);
+    assert_eq!(h.from_peer(relay, p, b"y"), None);
+    assert_eq!(h.s.stats().dropped(Drop::NoPermission), 2);
+
+    // Several peers in one request.
+    let q = public_peer(9001);
+    let r = h.auth(client(1), Method::CREATE_PERMISSION, |w| {
+        w.add_xor_address(AttrType::XOR_PEER_ADDRESS, p)
+            .add_xor_address(
+                AttrType::XOR_PEER_ADDRESS,
+                SocketAddr::from(([1, 1, 1, 1], 1)),
+            );
+    });
+    assert_eq!(r.class(), Class::Success);
+    assert!(r.msg().verify_integrity(&key()));
+    // The permission is for the IP: any port of it may be used.
+    match h.send_indication(client(1), q, b"hello") {
+        ClientAction::Forward { relay: r, peer, .. } => {
+            assert_eq!((r, peer), (relay, q));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Peer to client without a channel: a Data indication.
+    let (to, bytes) = h.from_peer(relay, p, b"pong").unwrap();
+    assert_eq!(to, client(1));
+    let m = MessageRef::parse(&bytes).unwrap();
+    assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
+    assert_eq!(m.xor_peer_address().unwrap(), Some(p));
+    assert_eq!(m.data(), Some(&b"pong"[..]));
+
+    h.advance(299);
+    assert!(h.from_peer(relay, p, b"still").is_some());
+    h.advance(1);
+    assert!(h.from_peer(relay, p, b"late").is_none());
+    assert_eq!(h.s.allocation_info(&client(1)).unwrap().1, 0);
+    assert_eq!(h.s.stats().permissions_created, 2);
+}
+
+#[test]
+fn forbidden_peers_get_403() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    for bad in [
+        "10.0.0.1:1",
+        "127.0.0.1:1",
+        "169.254.169.254:80",
+        "224.0.0.1:5",
+    ] {
+        let r = h.permit(client(1), bad.parse().unwrap());
+        assert_eq!(r.code(), Some(403), "{bad}");
+        let r = h.bind(client(1), 0x4000, bad.parse().unwrap());
+        assert_eq!(r.code(), Some(403), "{bad}");
+    }
+    // All or nothing: one bad address refuses the whole request.
+    let r = h.auth(client(1), Method::CREATE_PERMISSION, |w| {
+        w.add_xor_address(AttrType::XOR_PEER_ADDRESS, public_peer(1))
+            .add_xor_address(AttrType::XOR_PEER_ADDRESS, "10.1.1.1:1".parse().unwrap());
+    });
+    assert_eq!(r.code(), Some(403));
+    assert_eq!(h.s.allocation_info(&client(1)).unwrap().1, 0);
+    // The server's own relay address is allowed (relay to relay).
+    let own = SocketAddr::new(relay_ip(), 50050);
+    assert_eq!(h.permit(client(1), own).class(), Class::Success);
+    // An IPv6 peer on an IPv4 relay: 443.
+    assert_eq!(
+        h.permit(client(1), "[2606:4700::1]:5".parse().unwrap())
+            .code(),
+        Some(443)
+    );
+    assert_eq!(h.permit(client(1), peer()).code(), Some(403));
+}
+
+#[test]
+fn loopback_peers_when_allowed() {
+    let mut c = cfg();
+    c.allow_loopback_peers = true;
+    let mut h = H::with(c);
+    h.allocate_ok(client(1));
+    assert_eq!(
+        h.permit(client(1), "127.0.0.1:5000".parse().unwrap())
+            .class(),
+        Class::Success
+    );
+    assert_eq!(
+        h.permit(client(1), "10.0.0.1:5000".parse().unwrap()).code(),
+        Some(403)
+    );
+}
+
+#[test]
+fn channels_relay_both_ways_and_expire_after_600s() {
+    let mut h = H::new();
+    let relay = h.allocate_ok(client(1));
+    let p = public_peer(7000);
+    assert_eq!(
+        h.channel_data(client(1), 0x4000, b"early"),
+        ClientAction::None
+    );
+    assert_eq!(
+        h.s.stats().dropped(Drop::NoAllocation) + h.s.stats().dropped(Drop::NoChannel),
+        1
+    );
+    let r = h.bind(client(1), 0x4000, p);
+    assert_eq!(r.class(), Class::Success);
+    assert!(r.msg().verify_integrity(&key()));
+    match h.channel_data(client(1), 0x4000, b"payload") {
+        ClientAction::Forward { relay: r, peer, .. } => assert_eq!((r, peer), (relay, p)),
+        other => panic!("{other:?}"),
+    }
+    let (_, bytes) = h.from_peer(relay, p, b"abcde").unwrap();
+    assert_eq!(
+        bytes,
+        [0x40, 0x00, 0x00, 0x05, b'a', b'b', b'c', b'd', b'e']
+    );
+    // Another port of the same IP has the permission but not the channel: Data indication.
+    let (_, bytes) = h.from_peer(relay, public_peer(7001), b"z").unwrap();
+    assert_eq!(MessageRef::parse(&bytes).unwrap().method(), Method::DATA);
+
+    // Keep the allocation and the permission alive; the channel still ends at 600 s.
+    h.refresh(client(1), Some(3600));
+    h.advance(250);
+    h.permit(client(1), p);
+    h.advance(250);
+    h.permit(client(1), p);
+    h.advance(99);
+    assert!(matches!(
+        h.channel_data(client(1), 0x4000, b"x"),
+        ClientAction::Forward { .. }
+    ));
+    h.advance(1);
+    assert_eq!(h.channel_data(client(1), 0x4000, b"x"), ClientAction::None);
+    let (_, bytes) = h.from_peer(relay, p, b"abc").unwrap();
+    assert_eq!(MessageRef::parse(&bytes).unwrap().method(), Method::DATA);
+    assert_eq!(h.s.allocation_info(&client(1)).unwrap().2, 1, "in cooldown");
+
+    // During the cooldown neither the number nor the peer can be bound to something else,
+    // but the same pair can be bound again.
+    assert_eq!(
+        h.bind(client(1), 0x4000, public_peer(7002)).code(),
+        Some(400)
+    );
+    assert_eq!(h.bind(client(1), 0x4001, p).code(), Some(400));
+    h.advance(299);
+    assert_eq!(h.s.allocation_info(&client(1)).unwrap().2, 1);
+    h.advance(1);
+    assert_eq!(
+        h.s.allocation_info(&client(1)).unwrap().2,
+        0,
+        "cooldown over"
+    );
+    assert_eq!(
+        h.bind(client(1), 0x4000, public_peer(7002)).class(),
+        Class::Success
+    );
+}
+
+#[test]
+fn channel_bind_rules() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    let (p, q) = (other_peer(1), other_peer(2));
+    assert_eq!(h.bind(client(1), 0x3FFF, p).code(), Some(400));
+    assert_eq!(h.bind(client(1), 0x8000, p).code(), Some(400));
+    assert_eq!(h.bind(client(1), 0x4000, p).class(), Class::Success);
+    // Rebinding the same pair refreshes it.
+    assert_eq!(h.bind(client(1), 0x4000, p).class(), Class::Success);
+    assert_eq!(h.bind(client(1), 0x4000, q).code(), Some(400));
+    assert_eq!(h.bind(client(1), 0x4001, p).code(), Some(400));
+    assert_eq!(h.bind(client(1), 0x4FFF, q).class(), Class::Success);
+    let r = h.auth(client(1), Method::CHANNEL_BIND, |w| {
+        w.add_u32(AttrType::CHANNEL_NUMBER, 0x4002 << 16);
+    });
+    assert_eq!(r.code(), Some(400));
+    assert_eq!(h.s.stats().channels_bound, 2);
+    // A channel binding installs the permission.
+    assert_eq!(h.s.allocation_info(&client(1)).unwrap().1, 2);
+}
+
+#[test]
+fn channel_and_permission_caps_give_508() {
+    let mut c = cfg();
+    c.max_channels = 2;
+    c.max_permissions = 3;
+    let mut h = H::with(c);
+    h.allocate_ok(client(1));
+    assert_eq!(
+        h.bind(client(1), 0x4000, other_peer(1)).class(),
+        Class::Success
+    );
+    assert_eq!(
+        h.bind(client(1), 0x4001, other_peer(2)).class(),
+        Class::Success
+    );
+    assert_eq!(h.bind(client(1), 0x4002, other_peer(3)).code(), Some(508));
+    assert_eq!(h.permit(client(1), other_peer(9)).class(), Class::Success);
+    assert_eq!(h.permit(client(1), other_peer(8)).code(), Some(508));
+    // A permission that exists is refreshed, not counted again.
+    assert_eq!(h.permit(client(1), other_peer(1)).class(), Class::Success);
+}
+
+#[test]
+fn channel_data_to_tcp_clients_is_padded() {
+    let mut h = H::new();
+    let c = tcp_client(1);
+    let relay = h.allocate_ok(c);
+    h.bind(c, 0x4000, public_peer(1));
+    let (to, bytes) = h.from_peer(relay, public_peer(1), b"abcde").unwrap();
+    assert_eq!(to, c);
+    assert_eq!(
+        bytes,
+        [0x40, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0]
+    );
+    // Closing the connection deletes the allocation.
+    h.s.handle_client_closed(c, &mut h.relays);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert_eq!(h.relays.closed, vec![relay]);
+    assert_eq!(
+        h.s.stats().allocations_ended[EndReason::ConnectionClosed as usize],
+        1
+    );
+}
+
+#[test]
+fn other_user_on_the_same_5_tuple_gets_441() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    let r = h.auth_as(client(1), Method::REFRESH, ("bob", "builder"), |_| {});
+    assert_eq!(r.code(), Some(441));
+}
+
+#[test]
+fn unknown_comprehension_required_attribute_gets_420() {
+    let mut h = H::new();
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType(0x7ABC), b"?");
+    });
+    assert_eq!(r.code(), Some(420));
+    assert_eq!(
+        r.msg().get(AttrType::UNKNOWN_ATTRIBUTES),
+        Some(&[0x7A, 0xBC][..])
+    );
+    assert!(r.msg().verify_integrity(&key()));
+    // Binding needs no credentials; the check applies there too.
+    let t = h.txid();
+    let req = h.build(Method::BINDING, t, None, |w| {
+        w.add(AttrType(0x0003), &[0, 0, 0, 0]);
+    });
+    assert_eq!(h.request(client(1), &req).code(), Some(420));
+}
+
+#[test]
+fn binding_reflects_the_source_address() {
+    let mut h = H::new();
+    let t = h.txid();
+    let req = h.build(Method::BINDING, t, None, |_| {});
+    let r = h.request(client(4242), &req);
+    assert_eq!(r.class(), Class::Success);
+    let m = r.msg();
+    assert_eq!(
+        m.xor_address(AttrType::XOR_MAPPED_ADDRESS).unwrap(),
+        Some(client(4242).remote)
+    );
+    assert_eq!(
+        m.get(AttrType::MAPPED_ADDRESS).map(wire::decode_address),
+        Some(Ok(client(4242).remote))
+    );
+}
+
+#[test]
+fn bad_input_is_dropped_or_answered_400_and_counted() {
+    let mut h = H::new();
+    for junk in [
+        &b""[..],
+        b"\xff\xff",
+        b"\x16\x03\x01\x00\x05hello",
+        &[0u8; 19],
+    ] {
+        assert_eq!(h.send(client(1), junk), ClientAction::None);
+    }
+    // A request header with a broken attribute: 400.
+    let mut req = h.build(Method::ALLOCATE, TransactionId([1; 12]), None, |w| {
+        w.add(AttrType::SOFTWARE, b"x");
+    });
+    req[22..24].copy_from_slice(&0x00F0u16.to_be_bytes());
+    assert_eq!(h.request(client(1), &req).code(), Some(400));
+    // A bad FINGERPRINT: dropped.
+    let mut req = h.build(Method::BINDING, TransactionId([2; 12]), None, |_| {});
+    let n = req.len();
+    req[n - 1] ^= 1;
+    assert_eq!(h.send(client(1), &req), ClientAction::None);
+    assert_eq!(h.s.stats().dropped(Drop::BadFingerprint), 1);
+    // Responses and unknown indications are not acted on.
+    let mut buf = [0u8; 64];
+    let n = MessageWriter::new(
+        &mut buf,
+        Method::ALLOCATE,
+        Class::Success,
+        &TransactionId([3; 12]),
+    )
+    .finish()
+    .unwrap();
+    assert_eq!(h.send(client(1), &buf[..n]), ClientAction::None);
+    // ChannelData shorter than it claims, and with no allocation.
+    assert_eq!(h.send(client(1), &[0x40, 0, 0, 9, 1]), ClientAction::None);
+    assert_eq!(h.send(client(1), &[0x40, 0, 0, 1, 1]), ClientAction::None);
+    // An unknown method: 400.
+    let req = h.build(Method(0x0FF), TransactionId([4; 12]), None, |_| {});
+    assert_eq!(h.request(client(1), &req).code(), Some(400));
+    let s = h.s.stats();
+    assert_eq!(s.dropped(Drop::NotTurn), 3);
+    assert!(s.dropped(Drop::Malformed) >= 3);
+}
+
+#[test]
+fn even_port_reserves_the_next_port_for_a_token() {
+    let mut h = H::new();
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(r.class(), Class::Success);
+    let relay = r
+        .msg()
+        .xor_address(AttrType::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(relay.port() % 2, 0);
+    let token = r.msg().reservation_token().unwrap().expect("a token");
+    assert_eq!(h.s.ports_in_use(), 2);
+    let r = h.auth(client(2), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.class(), Class::Success);
+    let second = r
+        .msg()
+        .xor_address(AttrType::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.port(), relay.port() + 1);
+    // A token is good once.
+    let r = h.auth(client(3), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::RESERVATION_TOKEN, &token);
+    });
+    assert_eq!(r.code(), Some(508));
+    // EVEN-PORT without R: an even port, nothing reserved.
+    let r = h.auth(client(4), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::EVEN_PORT, &[0]);
+    });
+    let p = r
+        .msg()
+        .xor_address(AttrType::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.port() % 2, 0);
+    assert_eq!(r.msg().reservation_token().unwrap(), None);
+    assert_eq!(h.s.ports_in_use(), 3);
+}
+
+#[test]
+fn unused_reservation_expires_after_30s() {
+    let mut h = H::new();
+    h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(h.s.ports_in_use(), 2);
+    assert!(h.s.poll_timeout().unwrap() <= h.now + RESERVATION_LIFETIME);
+    h.advance(29);
+    assert_eq!(h.s.ports_in_use(), 2);
+    h.advance(1);
+    assert_eq!(h.s.ports_in_use(), 1);
+}
+
+#[test]
+fn external_ip_is_advertised() {
+    let mut c = cfg();
+    c.external_ips = vec![("203.0.113.99".parse().unwrap(), Some(relay_ip()))];
+    let mut h = H::with(c);
+    let relay = h.allocate_ok(client(1));
+    assert_eq!(relay.ip(), "203.0.113.99".parse::<IpAddr>().unwrap());
+    // The socket is bound to the private address.
+    assert!(h.relays.open.iter().all(|a| a.ip() == relay_ip()));
+    // Peers on the advertised address are the server's own.
+    assert_eq!(h.permit(client(1), relay).class(), Class::Success);
+}
+
+#[test]
+fn no_auth_mode_allocates_without_credentials() {
+    let mut c = cfg();
+    c.users = None;
+    let mut h = H::with(c);
+    let t = h.txid();
+    let req = h.build(Method::ALLOCATE, t, None, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+    });
+    let r = h.request(client(1), &req);
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.msg().integrity(), None);
+}
+
+#[test]
+fn sha256_integrity_is_accepted_and_answered_in_kind() {
+    let mut h = H::new();
+    h.allocate(client(9)); // nonce
+    let t = h.txid();
+    let nonce = h.nonce.clone();
+    let mut buf = vec![0u8; 512];
+    let mut w = MessageWriter::new(&mut buf, Method::ALLOCATE, Class::Request, &t);
+    w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+        .add(AttrType::USERNAME, USER.as_bytes())
+        .add(AttrType::REALM, REALM.as_bytes())
+        .add(AttrType::NONCE, &nonce)
+        .add_integrity_sha256(&key());
+    let n = w.finish().unwrap();
+    let r = h.request(client(1), &buf[..n]);
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(r.msg().integrity(), Some(Integrity::Sha256));
+    assert!(r.msg().verify_integrity_sha256(&key()));
+}
+
+#[test]
+fn many_refreshes_keep_the_timer_queue_bounded() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    h.bind(client(1), 0x4000, public_peer(1));
+    for _ in 0..500 {
+        h.refresh(client(1), Some(600));
+        h.permit(client(1), public_peer(1));
+        h.bind(client(1), 0x4000, public_peer(1));
+    }
+    assert!(
+        h.s.timers.len() <= 4,
+        "timer queue grew to {}",
+        h.s.timers.len()
+    );
+    h.advance(3600 + 300);
+    assert_eq!(h.s.allocation_count(), 0);
+    assert!(h.s.timers.is_empty());
+}
+
+#[test]
+fn fake_clock_runs_forward_only_through_timeouts() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    let t = h.s.poll_timeout().unwrap();
+    assert_eq!(t, h.now + Duration::from_secs(600));
+    assert_eq!(h.at(), 0);
+}

@@ -38,6 +38,15 @@ const BATCH: usize = 64;
 /// SOFTWARE and addresses with room to spare.
 const REPLY_BUF: usize = 4096;
 
+/// Sends a datagram now, or fails with `WouldBlock` if the socket buffer is full. This goes
+/// straight to the socket: tokio's `try_send_to` refuses to try until the reactor has seen the
+/// socket writable once, which loses the first datagrams sent on a relay socket created in the
+/// same reactor turn. UDP sends are never awaited here, so tokio's write readiness is not needed.
+#[inline]
+fn send_udp(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(sock).send_to(buf, &to.into())
+}
+
 /// Builds the core's configuration from the validated file configuration.
 pub fn server_config(cfg: &Config) -> ServerConfig {
     let users = cfg.auth.then(|| {
@@ -139,7 +148,7 @@ impl Driver {
         match client.transport {
             Transport::Udp => {
                 if let Some((_, s)) = self.udp.iter().find(|(a, _)| *a == client.local) {
-                    let _ = s.try_send_to(bytes, client.remote);
+                    let _ = send_udp(s, bytes, client.remote);
                 }
             }
             Transport::Tcp => {
@@ -175,7 +184,7 @@ impl Driver {
                 payload,
             } => {
                 if let Some(s) = self.relays.borrow().get(relay) {
-                    let _ = s.try_send_to(&input[payload], peer);
+                    let _ = send_udp(s, &input[payload], peer);
                 }
             }
         }
@@ -194,7 +203,7 @@ impl Driver {
                         local,
                     };
                     self.client_input(now, client, &input[..n], reply, |r| {
-                        let _ = sock.try_send_to(r, remote);
+                        let _ = send_udp(sock, r, remote);
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -40,12 +40,15 @@ pub enum Kind {
     Other,
 }
 
-/// Classifies a packet by its first byte: 0-3 STUN, 64-79 ChannelData, anything else other.
+/// Classifies a packet by its first byte: 0-3 STUN, 64-127 ChannelData (RFC 7983 gives
+/// TURN channels 64-79; clients of RFC 5766 use channel numbers up to 0x7FFF, so the server,
+/// which sees nothing but TURN on a client's 5-tuple, takes the whole old range), anything else
+/// other.
 #[inline]
 pub fn classify(buf: &[u8]) -> Kind {
     match buf.first() {
         Some(0..=3) => Kind::Stun,
-        Some(0x40..=0x4F) => Kind::ChannelData,
+        Some(0x40..=0x7F) => Kind::ChannelData,
         _ => Kind::Other,
     }
 }
@@ -119,13 +122,17 @@ pub const fn pad4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// A valid TURN channel number (RFC 8656 12: 0x4000 through 0x4FFF).
+/// A bindable TURN channel number. RFC 8656 12 gives 0x4000 through 0x4FFF; RFC 5766, which
+/// many deployed clients still follow (coturn's own test client among them), allowed up to
+/// 0x7FFF, and refusing those would break them, so the server accepts the old range too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelNumber(u16);
 
 impl ChannelNumber {
     pub const MIN: u16 = 0x4000;
-    pub const MAX: u16 = 0x4FFF;
+    pub const MAX: u16 = 0x7FFF;
+    /// The top of the range RFC 8656 assigns.
+    pub const MAX_RFC8656: u16 = 0x4FFF;
 
     /// Returns the channel number if it lies in the range a client may bind.
     pub fn new(n: u16) -> Option<Self> {

@@ -404,8 +404,9 @@ fn channel_data_parse_and_padding() {
     let empty = ChannelData::parse(&[0x4F, 0xFF, 0, 0]).unwrap();
     assert_eq!(empty.payload, b"");
     assert_eq!(ChannelNumber::new(0x3FFF), None);
-    assert_eq!(ChannelNumber::new(0x5000), None);
+    assert_eq!(ChannelNumber::new(0x8000), None);
     assert_eq!(ChannelNumber::new(0x4FFF).map(|c| c.get()), Some(0x4FFF));
+    assert_eq!(ChannelNumber::new(0x7FFF).map(|c| c.get()), Some(0x7FFF));
     let mut hdr = [0u8; 4];
     ChannelData::write_header(&mut hdr, ChannelNumber::new(0x4abc).unwrap(), 300);
     assert_eq!(hdr, [0x4a, 0xbc, 0x01, 0x2c]);
@@ -422,7 +423,8 @@ fn stream_framing() {
     let cd = [0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0, 0x40];
     assert_eq!(frame_len(&cd), Frame::Complete(12));
     assert_eq!(frame_len(&cd[..9]), Frame::Incomplete(12));
-    assert_eq!(frame_len(b"POST / HTTP/1.1"), Frame::Invalid);
+    assert_eq!(frame_len(&[0x16, 3, 1, 0, 0x40]), Frame::Invalid);
+    assert_eq!(frame_len(&[0x80, 0, 0, 0]), Frame::Invalid);
     // "GET " starts with 0x47, inside the ChannelData range: it frames as channel 0x4745 with
     // a 21,536-byte payload, which the core then drops as a channel that is not bound.
     assert_eq!(frame_len(b"GET / HTTP/1.1"), Frame::Incomplete(4 + 0x5420));
@@ -431,6 +433,7 @@ fn stream_framing() {
     assert_eq!(frame_len(&[0, 1, 0, 3, 0x21]), Frame::Invalid);
     assert_eq!(classify(&[0x00]), Kind::Stun);
     assert_eq!(classify(&[0x4F]), Kind::ChannelData);
-    assert_eq!(classify(&[0x50]), Kind::Other);
+    assert_eq!(classify(&[0x7F]), Kind::ChannelData);
+    assert_eq!(classify(&[0x80]), Kind::Other);
     assert_eq!(classify(&[]), Kind::Other);
 }
