@@ -133,7 +133,11 @@ impl NonceMint {
             return NonceCheck::Stale;
         }
         let expiry = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
-        if self.mac(expiry, ip).verify_truncated_left(&raw[4..]).is_err() {
+        if self
+            .mac(expiry, ip)
+            .verify_truncated_left(&raw[4..])
+            .is_err()
+        {
             return NonceCheck::Stale;
         }
         if (expiry as u64) <= now || expiry as u64 > now + self.lifetime as u64 {

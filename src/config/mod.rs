@@ -266,11 +266,11 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 fn key_path(table: &toml::de::DeTable<'_>, offset: usize) -> Option<Vec<String>> {
     let covers = |span: Range<usize>| span.start <= offset && offset < span.end.max(span.start + 1);
     for (key, value) in table {
-        if let toml::de::DeValue::Table(inner) = value.get_ref() {
-            if let Some(mut path) = key_path(inner, offset) {
-                path.push(key.get_ref().to_string());
-                return Some(path);
-            }
+        if let toml::de::DeValue::Table(inner) = value.get_ref()
+            && let Some(mut path) = key_path(inner, offset)
+        {
+            path.push(key.get_ref().to_string());
+            return Some(path);
         }
         if covers(key.span()) || covers(value.span()) {
             return Some(vec![key.get_ref().to_string()]);

@@ -14,8 +14,8 @@
 //! The relay path (ChannelData and Send from a client, datagrams from peers) allocates nothing:
 //! it borrows the input, looks the allocation up once, and returns byte ranges.
 
-mod ports;
 pub mod policy;
+mod ports;
 mod stats;
 
 #[cfg(test)]
@@ -32,8 +32,8 @@ use tracing::{debug, info};
 use crate::auth::{NONCE_LEN, NonceCheck, NonceMint, Users};
 use crate::wire::{
     self, AttrType, ChannelData, ChannelNumber, Class, ErrorCode, FAMILY_IPV4, FAMILY_IPV6,
-    HEADER_LEN, MAGIC_COOKIE, MessageRef, MessageWriter, Method, PROTO_UDP, TransactionId,
-    Integrity, pad4,
+    HEADER_LEN, Integrity, MAGIC_COOKIE, MessageRef, MessageWriter, Method, PROTO_UDP, ParseError,
+    TransactionId, pad4,
 };
 
 pub use policy::PeerPolicy;
@@ -103,7 +103,10 @@ pub enum PeerAction {
     /// Dropped and counted.
     None,
     /// Send `buf[range]` to the client.
-    Forward { client: ClientId, range: Range<usize> },
+    Forward {
+        client: ClientId,
+        range: Range<usize>,
+    },
 }
 
 /// Relay sockets, owned by the driver. The core asks for one when it creates an allocation and
@@ -182,7 +185,7 @@ impl Rng {
         Rng(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -380,10 +383,9 @@ impl Server {
             .iter()
             .find(|(_, private)| *private == Some(relay))
             .or_else(|| {
-                self.cfg
-                    .external_ips
-                    .iter()
-                    .find(|(public, private)| private.is_none() && public.is_ipv4() == relay.is_ipv4())
+                self.cfg.external_ips.iter().find(|(public, private)| {
+                    private.is_none() && public.is_ipv4() == relay.is_ipv4()
+                })
             })
             .map_or(relay, |(public, _)| *public)
     }
@@ -413,7 +415,12 @@ impl Server {
     }
 
     #[inline]
-    fn client_channel_data(&mut self, now: Instant, client: ClientId, input: &[u8]) -> ClientAction {
+    fn client_channel_data(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        input: &[u8],
+    ) -> ClientAction {
         let Some(cd) = ChannelData::parse(input) else {
             return self.dropped(Drop::Malformed);
         };
@@ -458,8 +465,13 @@ impl Server {
         let msg = match MessageRef::parse(input) {
             Ok(m) => m,
             Err(e) => {
-                // A request whose header is sound but whose body is not gets 400.
-                if let Some((method, Class::Request, txid)) = MessageRef::header(input) {
+                // A message that fails the framing checks of RFC 8489 5 (bits, cookie, length)
+                // is discarded; a request that is framed right but carries a malformed
+                // attribute gets 400.
+                let framed = matches!(e, ParseError::BadAttribute | ParseError::TooManyAttributes);
+                if let Some((method, Class::Request, txid)) =
+                    MessageRef::header(input).filter(|_| framed)
+                {
                     debug!(%client, error = %e, "malformed request");
                     self.stats.drop(Drop::Malformed);
                     return self.bare_error(out, method, &txid, ErrorCode::BAD_REQUEST);
@@ -480,7 +492,10 @@ impl Server {
                 self.binding(client, &msg, out)
             }
             (
-                Method::ALLOCATE | Method::REFRESH | Method::CREATE_PERMISSION | Method::CHANNEL_BIND,
+                Method::ALLOCATE
+                | Method::REFRESH
+                | Method::CREATE_PERMISSION
+                | Method::CHANNEL_BIND,
                 Class::Request,
             ) => {
                 self.stats.request(msg.method());
@@ -488,7 +503,13 @@ impl Server {
             }
             (m, Class::Request) => {
                 self.stats.request(m);
-                self.refuse(client, &msg, out, None, (ErrorCode::BAD_REQUEST, "unknown method"))
+                self.refuse(
+                    client,
+                    &msg,
+                    out,
+                    None,
+                    (ErrorCode::BAD_REQUEST, "unknown method"),
+                )
             }
             // Binding indications are keepalives; responses are not ours to act on.
             _ => self.dropped(Drop::Unexpected),
@@ -547,7 +568,13 @@ impl Server {
     }
 
     /// A 400 for a request that could not be parsed past its header.
-    fn bare_error(&mut self, out: &mut [u8], method: Method, txid: &TransactionId, code: ErrorCode) -> ClientAction {
+    fn bare_error(
+        &mut self,
+        out: &mut [u8],
+        method: Method,
+        txid: &TransactionId,
+        code: ErrorCode,
+    ) -> ClientAction {
         self.stats.error(code.0);
         let mut w = MessageWriter::new(out, method, Class::Error, txid);
         w.add_error(code);
@@ -590,17 +617,29 @@ impl Server {
         })
     }
 
-    /// A 401 or 438 carrying REALM and a fresh NONCE (RFC 8489 9.2.4).
-    fn challenge(&mut self, now: Instant, client: ClientId, req: &MessageRef, out: &mut [u8], code: ErrorCode, reason: &'static str) -> ClientAction {
+    /// A 401 or 438 carrying REALM and a fresh NONCE (RFC 8489 9.2.4), without
+    /// MESSAGE-INTEGRITY. `user` names who failed, when the request named a user.
+    fn challenge(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        req: &MessageRef,
+        out: &mut [u8],
+        (code, reason): Refused,
+        user: Option<&str>,
+    ) -> ClientAction {
         self.stats.error(code.0);
         let mut nonce = [0u8; NONCE_LEN];
-        self.nonces.issue(self.secs(now), client.remote.ip(), &mut nonce);
-        let realm = self.cfg.users.as_ref().map_or("", |u| u.realm());
-        if req.integrity().is_some() || code != ErrorCode::UNAUTHORIZED {
-            info!(%client, method = req.method().name(), code = code.0, reason, "request refused");
+        self.nonces
+            .issue(self.secs(now), client.remote.ip(), &mut nonce);
+        let method = req.method().name();
+        if req.integrity().is_none() {
+            // The first request of every client: the normal start of the exchange.
+            debug!(%client, method, "challenging for credentials");
         } else {
-            debug!(%client, method = req.method().name(), "challenging for credentials");
+            info!(%client, method, code = code.0, reason, user, "request refused");
         }
+        let realm = self.cfg.users.as_ref().map_or("", |u| u.realm());
         self.respond(out, req, Some(code), None, |w| {
             w.add(AttrType::REALM, realm.as_bytes())
                 .add(AttrType::NONCE, &nonce);
@@ -619,7 +658,8 @@ impl Server {
             return Ok(None);
         };
         let Some(integrity) = msg.integrity() else {
-            return Err(self.challenge(now, client, msg, out, ErrorCode::UNAUTHORIZED, "no credentials"));
+            let refused = (ErrorCode::UNAUTHORIZED, "no credentials");
+            return Err(self.challenge(now, client, msg, out, refused, None));
         };
         let (Ok(Some(username)), Ok(Some(_realm)), Ok(Some(nonce))) =
             (msg.username(), msg.realm(), msg.nonce())
@@ -629,17 +669,21 @@ impl Server {
                 msg,
                 out,
                 None,
-                (ErrorCode::BAD_REQUEST, "integrity without USERNAME, REALM and NONCE"),
+                (
+                    ErrorCode::BAD_REQUEST,
+                    "integrity without USERNAME, REALM and NONCE",
+                ),
             ));
         };
         if self.nonces.check(nonce, self.secs(now), client.remote.ip()) == NonceCheck::Stale {
-            return Err(self.challenge(now, client, msg, out, ErrorCode::STALE_NONCE, "stale nonce"));
+            let refused = (ErrorCode::STALE_NONCE, "stale nonce");
+            return Err(self.challenge(now, client, msg, out, refused, Some(username)));
         }
         let key = users.key(username).copied();
         let Some(key) = key.filter(|k| msg.verify(k)) else {
             self.stats.auth_failures += 1;
-            info!(%client, user = username, "authentication failed");
-            return Err(self.challenge(now, client, msg, out, ErrorCode::UNAUTHORIZED, "bad credentials"));
+            let refused = (ErrorCode::UNAUTHORIZED, "bad credentials");
+            return Err(self.challenge(now, client, msg, out, refused, Some(username)));
         };
         Ok(Some(Auth {
             username,
@@ -669,10 +713,14 @@ impl Server {
         let result = match msg.method() {
             Method::ALLOCATE => self.allocate(now, client, msg, auth.as_ref(), relays),
             m => match self.by_client.get(&client).copied() {
-                None => Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation for this 5-tuple")),
-                Some(slot) if self.alloc(slot).is_some_and(|a| &*a.username != username) => {
-                    Err((ErrorCode::WRONG_CREDENTIALS, "allocation belongs to another user"))
-                }
+                None => Err((
+                    ErrorCode::ALLOCATION_MISMATCH,
+                    "no allocation for this 5-tuple",
+                )),
+                Some(slot) if self.alloc(slot).is_some_and(|a| &*a.username != username) => Err((
+                    ErrorCode::WRONG_CREDENTIALS,
+                    "allocation belongs to another user",
+                )),
                 Some(slot) => match m {
                     Method::REFRESH => self.refresh(now, slot, msg, relays),
                     Method::CREATE_PERMISSION => self.create_permission(now, slot, msg),
@@ -739,7 +787,10 @@ impl Server {
                     token: a.reservation,
                 });
             }
-            return Err((ErrorCode::ALLOCATION_MISMATCH, "5-tuple already has an allocation"));
+            return Err((
+                ErrorCode::ALLOCATION_MISMATCH,
+                "5-tuple already has an allocation",
+            ));
         }
         let bad = (ErrorCode::BAD_REQUEST, "malformed attribute");
         match msg.requested_transport().map_err(|_| bad)? {
@@ -793,13 +844,19 @@ impl Server {
                 .iter()
                 .position(|r| r.token == t && r.until > now)
             else {
-                return Err((ErrorCode::INSUFFICIENT_CAPACITY, "unknown or expired reservation token"));
+                return Err((
+                    ErrorCode::INSUFFICIENT_CAPACITY,
+                    "unknown or expired reservation token",
+                ));
             };
             let r = self.reservations.swap_remove(i);
             let addr = SocketAddr::new(r.ip, r.port);
             if !relays.open(addr) {
                 self.ports.release(r.port);
-                return Err((ErrorCode::INSUFFICIENT_CAPACITY, "reserved port could not be bound"));
+                return Err((
+                    ErrorCode::INSUFFICIENT_CAPACITY,
+                    "reserved port could not be bound",
+                ));
             }
             (addr, None)
         } else {
@@ -853,7 +910,10 @@ impl Server {
         even: Option<bool>,
         relays: &mut impl RelaySockets,
     ) -> Result<(SocketAddr, Option<[u8; 8]>), Refused> {
-        let full = (ErrorCode::INSUFFICIENT_CAPACITY, "relay port range exhausted");
+        let full = (
+            ErrorCode::INSUFFICIENT_CAPACITY,
+            "relay port range exhausted",
+        );
         for _ in 0..BIND_ATTEMPTS {
             let port = match even {
                 None => self.ports.take(),
@@ -871,7 +931,7 @@ impl Server {
                 continue;
             }
             let token = if even == Some(true) {
-                let token = self.rng.next().to_be_bytes();
+                let token = self.rng.next_u64().to_be_bytes();
                 self.reservations.push(Reservation {
                     token,
                     port: port + 1,
@@ -997,10 +1057,10 @@ impl Server {
         slot: u32,
         msg: &MessageRef,
     ) -> Result<Success, Refused> {
-        let relay = self.alloc(slot).map(|a| a.relay).ok_or((
-            ErrorCode::ALLOCATION_MISMATCH,
-            "no allocation",
-        ))?;
+        let relay = self
+            .alloc(slot)
+            .map(|a| a.relay)
+            .ok_or((ErrorCode::ALLOCATION_MISMATCH, "no allocation"))?;
         let mut any = false;
         // All or nothing: check every address before installing any (RFC 8656 9.2).
         for peer in msg.xor_peer_addresses() {
@@ -1031,7 +1091,12 @@ impl Server {
         Ok(Success::Empty)
     }
 
-    fn channel_bind(&mut self, now: Instant, slot: u32, msg: &MessageRef) -> Result<Success, Refused> {
+    fn channel_bind(
+        &mut self,
+        now: Instant,
+        slot: u32,
+        msg: &MessageRef,
+    ) -> Result<Success, Refused> {
         let bad = (ErrorCode::BAD_REQUEST, "malformed attribute");
         let number = msg
             .channel_number()
@@ -1043,10 +1108,10 @@ impl Server {
             .xor_peer_address()
             .map_err(|_| bad)?
             .ok_or((ErrorCode::BAD_REQUEST, "no XOR-PEER-ADDRESS"))?;
-        let relay = self.alloc(slot).map(|a| a.relay).ok_or((
-            ErrorCode::ALLOCATION_MISMATCH,
-            "no allocation",
-        ))?;
+        let relay = self
+            .alloc(slot)
+            .map(|a| a.relay)
+            .ok_or((ErrorCode::ALLOCATION_MISMATCH, "no allocation"))?;
         self.check_peer(relay, peer)?;
         let max_channels = self.cfg.max_channels;
         let max_perms = self.cfg.max_permissions;
@@ -1065,7 +1130,10 @@ impl Server {
                 }
             }
             (Some(_), _) => {
-                return Err((ErrorCode::BAD_REQUEST, "channel number bound to another peer"));
+                return Err((
+                    ErrorCode::BAD_REQUEST,
+                    "channel number bound to another peer",
+                ));
             }
             (None, Some(_)) => {
                 return Err((ErrorCode::BAD_REQUEST, "peer bound to another channel"));
@@ -1092,11 +1160,17 @@ impl Server {
         Ok(Success::Empty)
     }
 
-    fn send_indication(&mut self, now: Instant, client: ClientId, msg: &MessageRef) -> ClientAction {
+    fn send_indication(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        msg: &MessageRef,
+    ) -> ClientAction {
         let Some(&slot) = self.by_client.get(&client) else {
             return self.dropped(Drop::NoAllocation);
         };
-        let (Ok(Some(peer)), Some(payload)) = (msg.xor_peer_address(), msg.range_of(AttrType::DATA))
+        let (Ok(Some(peer)), Some(payload)) =
+            (msg.xor_peer_address(), msg.range_of(AttrType::DATA))
         else {
             return self.dropped(Drop::BadIndication);
         };
@@ -1171,7 +1245,7 @@ impl Server {
             };
             start..end
         } else {
-            let txid = self.rng.next();
+            let txid = self.rng.next_u64();
             write_data_indication(buf, payload, peer, txid)
         };
         self.stats.to_client_packets += 1;
@@ -1266,7 +1340,13 @@ impl Server {
             ));
         }
         for a in live {
-            if self.by_client.get(&a.client).and_then(|s| self.alloc(*s)).map(|b| b.relay) != Some(a.relay) {
+            if self
+                .by_client
+                .get(&a.client)
+                .and_then(|s| self.alloc(*s))
+                .map(|b| b.relay)
+                != Some(a.relay)
+            {
                 return Err(format!("by_client broken for {}", a.client));
             }
             if a.timer.is_none() {

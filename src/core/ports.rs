@@ -22,7 +22,7 @@ impl PortPool {
         let mut ports: Vec<u16> = (min..=max).collect();
         // Fisher-Yates.
         for i in (1..ports.len()).rev() {
-            let j = (rng.next() % (i as u64 + 1)) as usize;
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
             ports.swap(i, j);
         }
         PortPool {

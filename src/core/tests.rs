@@ -290,7 +290,7 @@ impl H {
     }
 
     /// A datagram from `peer` arriving at `relay`; returns the bytes for the client.
-    fn from_peer(
+    fn peer_sends(
         &mut self,
         relay: SocketAddr,
         peer: SocketAddr,
@@ -561,7 +561,7 @@ fn permissions_gate_both_directions_and_expire_after_300s() {
     let relay = h.allocate_ok(client(1));
     let p = public_peer(9000);
     assert_eq!(h.send_indication(client(1), p, b"x"), ClientAction::None);
-    assert_eq!(h.from_peer(relay, p, b"y"), None);
+    assert_eq!(h.peer_sends(relay, p, b"y"), None);
     assert_eq!(h.s.stats().dropped(Drop::NoPermission), 2);
 
     // Several peers in one request.
@@ -583,7 +583,7 @@ fn permissions_gate_both_directions_and_expire_after_300s() {
         other => panic!("{other:?}"),
     }
     // Peer to client without a channel: a Data indication.
-    let (to, bytes) = h.from_peer(relay, p, b"pong").unwrap();
+    let (to, bytes) = h.peer_sends(relay, p, b"pong").unwrap();
     assert_eq!(to, client(1));
     let m = MessageRef::parse(&bytes).unwrap();
     assert_eq!((m.method(), m.class()), (Method::DATA, Class::Indication));
@@ -591,9 +591,9 @@ fn permissions_gate_both_directions_and_expire_after_300s() {
     assert_eq!(m.data(), Some(&b"pong"[..]));
 
     h.advance(299);
-    assert!(h.from_peer(relay, p, b"still").is_some());
+    assert!(h.peer_sends(relay, p, b"still").is_some());
     h.advance(1);
-    assert!(h.from_peer(relay, p, b"late").is_none());
+    assert!(h.peer_sends(relay, p, b"late").is_none());
     assert_eq!(h.s.allocation_info(&client(1)).unwrap().1, 0);
     assert_eq!(h.s.stats().permissions_created, 2);
 }
@@ -669,13 +669,13 @@ fn channels_relay_both_ways_and_expire_after_600s() {
         ClientAction::Forward { relay: r, peer, .. } => assert_eq!((r, peer), (relay, p)),
         other => panic!("{other:?}"),
     }
-    let (_, bytes) = h.from_peer(relay, p, b"abcde").unwrap();
+    let (_, bytes) = h.peer_sends(relay, p, b"abcde").unwrap();
     assert_eq!(
         bytes,
         [0x40, 0x00, 0x00, 0x05, b'a', b'b', b'c', b'd', b'e']
     );
     // Another port of the same IP has the permission but not the channel: Data indication.
-    let (_, bytes) = h.from_peer(relay, public_peer(7001), b"z").unwrap();
+    let (_, bytes) = h.peer_sends(relay, public_peer(7001), b"z").unwrap();
     assert_eq!(MessageRef::parse(&bytes).unwrap().method(), Method::DATA);
 
     // Keep the allocation and the permission alive; the channel still ends at 600 s.
@@ -691,7 +691,7 @@ fn channels_relay_both_ways_and_expire_after_600s() {
     ));
     h.advance(1);
     assert_eq!(h.channel_data(client(1), 0x4000, b"x"), ClientAction::None);
-    let (_, bytes) = h.from_peer(relay, p, b"abc").unwrap();
+    let (_, bytes) = h.peer_sends(relay, p, b"abc").unwrap();
     assert_eq!(MessageRef::parse(&bytes).unwrap().method(), Method::DATA);
     assert_eq!(h.s.allocation_info(&client(1)).unwrap().2, 1, "in cooldown");
 
@@ -766,7 +766,7 @@ fn channel_data_to_tcp_clients_is_padded() {
     let c = tcp_client(1);
     let relay = h.allocate_ok(c);
     h.bind(c, 0x4000, public_peer(1));
-    let (to, bytes) = h.from_peer(relay, public_peer(1), b"abcde").unwrap();
+    let (to, bytes) = h.peer_sends(relay, public_peer(1), b"abcde").unwrap();
     assert_eq!(to, c);
     assert_eq!(
         bytes,

@@ -25,7 +25,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth::Users;
 use crate::config::{Config, UserKey};
-use crate::core::{ClientAction, ClientId, PeerAction, RelaySockets, Server, ServerConfig, Transport};
+use crate::core::{
+    ClientAction, ClientId, PeerAction, RelaySockets, Server, ServerConfig, Transport,
+};
 use crate::wire::{HEADROOM, TAILROOM};
 
 pub use tcp::TcpConn;
@@ -61,7 +63,11 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
     });
     let mut sc = ServerConfig::new(cfg.relay_ips[0], users);
     sc.relay_ips = cfg.relay_ips.clone();
-    sc.external_ips = cfg.external_ips.iter().map(|e| (e.public, e.private)).collect();
+    sc.external_ips = cfg
+        .external_ips
+        .iter()
+        .map(|e| (e.public, e.private))
+        .collect();
     sc.software = cfg.software.clone();
     sc.fingerprint = cfg.fingerprint;
     sc.min_port = cfg.min_port;
@@ -325,8 +331,14 @@ impl Listeners {
     /// The bound UDP addresses, then the TCP ones.
     pub fn addrs(&self) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
         (
-            self.udp.iter().filter_map(|s| s.local_addr().ok()).collect(),
-            self.tcp.iter().filter_map(|s| s.local_addr().ok()).collect(),
+            self.udp
+                .iter()
+                .filter_map(|s| s.local_addr().ok())
+                .collect(),
+            self.tcp
+                .iter()
+                .filter_map(|s| s.local_addr().ok())
+                .collect(),
         )
     }
 }

@@ -132,7 +132,7 @@ impl<'a> MessageRef<'a> {
         }
         let (method, class, txid) = Self::header(buf).ok_or(ParseError::BadCookie)?;
         let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        if len % 4 != 0 || HEADER_LEN + len != buf.len() {
+        if !len.is_multiple_of(4) || HEADER_LEN + len != buf.len() {
             return Err(ParseError::BadLength);
         }
         let mut m = MessageRef {
@@ -173,7 +173,7 @@ impl<'a> MessageRef<'a> {
                     m.mi = Some(off as u32);
                 }
                 AttrType::MESSAGE_INTEGRITY_SHA256 if m.mi256.is_none() => {
-                    if !(16..=32).contains(&vlen) || vlen % 4 != 0 {
+                    if !(16..=32).contains(&vlen) || !vlen.is_multiple_of(4) {
                         return Err(ParseError::BadAttribute);
                     }
                     m.mi256 = Some((off as u32, vlen));
@@ -264,7 +264,9 @@ impl<'a> MessageRef<'a> {
         match self.get(t) {
             None => Ok(None),
             Some(v) if v.len() > max => Err(AttrError::Text),
-            Some(v) => std::str::from_utf8(v).map(Some).map_err(|_| AttrError::Text),
+            Some(v) => std::str::from_utf8(v)
+                .map(Some)
+                .map_err(|_| AttrError::Text),
         }
     }
 
@@ -346,9 +348,7 @@ impl<'a> MessageRef<'a> {
     }
 
     /// Every XOR-PEER-ADDRESS, in order (CreatePermission may carry several, RFC 8656 9.1).
-    pub fn xor_peer_addresses(
-        &self,
-    ) -> impl Iterator<Item = Result<SocketAddr, AttrError>> + '_ {
+    pub fn xor_peer_addresses(&self) -> impl Iterator<Item = Result<SocketAddr, AttrError>> + '_ {
         self.slots[..self.count]
             .iter()
             .filter(|s| s.typ == AttrType::XOR_PEER_ADDRESS.0)

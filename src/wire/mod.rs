@@ -136,7 +136,9 @@ impl ChannelNumber {
 
     /// Returns the channel number if it lies in the range a client may bind.
     pub fn new(n: u16) -> Option<Self> {
-        (Self::MIN..=Self::MAX).contains(&n).then_some(ChannelNumber(n))
+        (Self::MIN..=Self::MAX)
+            .contains(&n)
+            .then_some(ChannelNumber(n))
     }
 
     pub fn get(self) -> u16 {
@@ -199,7 +201,7 @@ pub fn frame_len(buf: &[u8]) -> Frame {
     }
     let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
     let total = match classify(buf) {
-        Kind::Stun if len % 4 == 0 => HEADER_LEN + len,
+        Kind::Stun if len.is_multiple_of(4) => HEADER_LEN + len,
         Kind::ChannelData => CHANNEL_DATA_HEADER_LEN + pad4(len),
         _ => return Frame::Invalid,
     };

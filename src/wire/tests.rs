@@ -67,7 +67,10 @@ fn rfc5769_sample_request_parses_and_verifies() {
     assert_eq!(m.transaction_id(), &TXID_A);
     assert_eq!(m.software().unwrap(), Some("STUN test client"));
     assert_eq!(m.username().unwrap(), Some("evtj:h6vY"));
-    assert_eq!(m.get(AttrType::PRIORITY), Some(&[0x6e, 0x00, 0x01, 0xff][..]));
+    assert_eq!(
+        m.get(AttrType::PRIORITY),
+        Some(&[0x6e, 0x00, 0x01, 0xff][..])
+    );
     assert_eq!(m.integrity(), Some(Integrity::Sha1));
     assert!(m.verify_integrity(PASSWORD));
     assert!(!m.verify_integrity(b"wrong"));
@@ -196,7 +199,12 @@ fn message_type_round_trip() {
         Method::CHANNEL_BIND,
         Method(0xFFF),
     ] {
-        for class in [Class::Request, Class::Indication, Class::Success, Class::Error] {
+        for class in [
+            Class::Request,
+            Class::Indication,
+            Class::Success,
+            Class::Error,
+        ] {
             let t = message_type(method, class);
             assert!(t < 0x4000);
             assert_eq!(split_message_type(t), (method, class));
@@ -228,18 +236,16 @@ fn turn_attributes_decode() {
     let peer4: SocketAddr = "198.51.100.7:4000".parse().unwrap();
     let peer6: SocketAddr = "[2001:db8::9]:5000".parse().unwrap();
     let mut out = [0u8; 256];
-    let mut w = MessageWriter::new(
-        &mut out,
-        Method::CREATE_PERMISSION,
-        Class::Request,
-        &TXID_A,
-    );
+    let mut w = MessageWriter::new(&mut out, Method::CREATE_PERMISSION, Class::Request, &TXID_A);
     w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer4)
         .add_xor_address(AttrType::XOR_PEER_ADDRESS, peer6)
         .add_u32(AttrType::LIFETIME, 777)
         .add_u32(AttrType::CHANNEL_NUMBER, 0x4001 << 16)
         .add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
-        .add_u32(AttrType::REQUESTED_ADDRESS_FAMILY, (FAMILY_IPV6 as u32) << 24)
+        .add_u32(
+            AttrType::REQUESTED_ADDRESS_FAMILY,
+            (FAMILY_IPV6 as u32) << 24,
+        )
         .add(AttrType::EVEN_PORT, &[0x80])
         .add(AttrType::RESERVATION_TOKEN, &[1, 2, 3, 4, 5, 6, 7, 8])
         .add(AttrType::DONT_FRAGMENT, &[])
