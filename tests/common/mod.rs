@@ -30,6 +30,11 @@ impl TestServer {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
