@@ -18,7 +18,10 @@ fn write(name: &str, text: &str) -> std::path::PathBuf {
 fn check_config_accepts_the_example_and_describes_it() {
     let out = turnserver()
         .args(["--check-config", "--config"])
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/turnserver.toml.example"))
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/turnserver.toml.example"
+        ))
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

@@ -333,7 +333,10 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
     if !tools_available() {
         return;
     }
-    assert!(clients % 2 == 0, "uclient rounds odd client counts up");
+    assert!(
+        clients.is_multiple_of(2),
+        "uclient rounds odd client counts up"
+    );
     let server = common::start("");
     let peer = Peer::start();
 
@@ -422,15 +425,9 @@ fn uclient_tcp_send_indications() {
 /// session, then RESERVATION-TOKEN for the RTCP one. A port reserved that way must really be
 /// kept for the second Allocate (RFC 8656 7.2), even when other processes bind ports of the
 /// relay range: here every port `4k + 1` of the range is held by the test, so half of the
-/// even ports have a successor that cannot be bound.
-///
-/// Ignored because the server fails it: `bind_relay` binds only the even port and reserves
-/// `port + 1` in its own bookkeeping without binding it, so the RTCP Allocate gets 508
-/// "reserved port could not be bound" (with 5 pairs, ~97% of runs). The same happens at
-/// random when another process holds or grabs the odd port (seen in the traffic tests on a
-/// busy machine). Remove the `ignore` once the server binds (and holds) the reserved port.
+/// even ports have a successor that cannot be bound, and the server must pick pairs whose
+/// both ports it can bind, and hold the second until it is claimed.
 #[test]
-#[ignore = "server bug: EVEN-PORT reservation does not hold port + 1"]
 fn uclient_rtp_rtcp_pairs_with_busy_odd_ports() {
     if !tools_available() {
         return;
@@ -593,8 +590,11 @@ fn reflexive_addrs(text: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// STUN message type and attributes (type, value) of a datagram, if it is a STUN message.
-fn stun_parse(msg: &[u8]) -> Option<(u16, Vec<(u16, Vec<u8>)>)> {
+/// STUN attributes as (type, value).
+type StunAttrs = Vec<(u16, Vec<u8>)>;
+
+/// STUN message type and attributes of a datagram, if it is a STUN message.
+fn stun_parse(msg: &[u8]) -> Option<(u16, StunAttrs)> {
     if msg.len() < 20 || msg[4..8] != [0x21, 0x12, 0xa4, 0x42] {
         return None;
     }

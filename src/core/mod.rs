@@ -849,16 +849,9 @@ impl Server {
                     "unknown or expired reservation token",
                 ));
             };
+            // The reserved port's socket was bound when it was reserved.
             let r = self.reservations.swap_remove(i);
-            let addr = SocketAddr::new(r.ip, r.port);
-            if !relays.open(addr) {
-                self.ports.release(r.port);
-                return Err((
-                    ErrorCode::INSUFFICIENT_CAPACITY,
-                    "reserved port could not be bound",
-                ));
-            }
-            (addr, None)
+            (SocketAddr::new(r.ip, r.port), None)
         } else {
             let Some(ip) = self
                 .cfg
@@ -921,28 +914,35 @@ impl Server {
             }
             .ok_or(full)?;
             let addr = SocketAddr::new(ip, port);
+            let pair = even == Some(true);
             if !relays.open(addr) {
-                // Taken by someone else: leave it marked in use for a while by releasing it to
-                // the back of the queue.
+                // Taken by another program: back to the end of the queue.
                 self.ports.release(port);
-                if even == Some(true) {
+                if pair {
                     self.ports.release(port + 1);
                 }
                 continue;
             }
-            let token = if even == Some(true) {
-                let token = self.rng.next_u64().to_be_bytes();
-                self.reservations.push(Reservation {
-                    token,
-                    port: port + 1,
-                    ip,
-                    until: now + RESERVATION_LIFETIME,
-                });
-                Some(token)
-            } else {
-                None
-            };
-            return Ok((addr, token));
+            if !pair {
+                return Ok((addr, None));
+            }
+            // RFC 8656 7.2: the next port is reserved, which means bound now, so that the
+            // Allocate redeeming the token is sure to get it.
+            let next = SocketAddr::new(ip, port + 1);
+            if !relays.open(next) {
+                relays.close(addr);
+                self.ports.release(port);
+                self.ports.release(port + 1);
+                continue;
+            }
+            let token = self.rng.next_u64().to_be_bytes();
+            self.reservations.push(Reservation {
+                token,
+                port: port + 1,
+                ip,
+                until: now + RESERVATION_LIFETIME,
+            });
+            return Ok((addr, Some(token)));
         }
         Err(full)
     }
@@ -1296,6 +1296,7 @@ impl Server {
             let keep = r.until > now;
             if !keep {
                 ports.release(r.port);
+                relays.close(SocketAddr::new(r.ip, r.port));
             }
             keep
         });

@@ -923,6 +923,45 @@ fn even_port_reserves_the_next_port_for_a_token() {
 }
 
 #[test]
+fn even_port_pairs_skip_ports_that_cannot_be_bound() {
+    let mut c = cfg();
+    c.min_port = 50000;
+    c.max_port = 50005;
+    let mut h = H::with(c);
+    // Every odd port but 50005 is held by another program: only 50004/50005 can be a pair.
+    h.relays.taken.extend([50001, 50003]);
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::EVEN_PORT, &[0x80]);
+    });
+    let relay = r
+        .msg()
+        .xor_address(AttrType::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(relay.port(), 50004);
+    let token = r.msg().reservation_token().unwrap().unwrap();
+    assert_eq!(h.relays.open.len(), 2);
+    let r = h.auth(client(2), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::RESERVATION_TOKEN, &token);
+    });
+    let second = r
+        .msg()
+        .xor_address(AttrType::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert_eq!(second.port(), 50005);
+    assert_eq!(h.relays.open.len(), 2);
+    // No pair is left.
+    let r = h.auth(client(3), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(r.code(), Some(508));
+}
+
+#[test]
 fn unused_reservation_expires_after_30s() {
     let mut h = H::new();
     h.auth(client(1), Method::ALLOCATE, |w| {
@@ -930,11 +969,17 @@ fn unused_reservation_expires_after_30s() {
             .add(AttrType::EVEN_PORT, &[0x80]);
     });
     assert_eq!(h.s.ports_in_use(), 2);
+    assert_eq!(h.relays.open.len(), 2, "the reserved port is bound too");
     assert!(h.s.poll_timeout().unwrap() <= h.now + RESERVATION_LIFETIME);
     h.advance(29);
     assert_eq!(h.s.ports_in_use(), 2);
     h.advance(1);
     assert_eq!(h.s.ports_in_use(), 1);
+    assert_eq!(
+        h.relays.open.len(),
+        1,
+        "and released when the reservation ends"
+    );
 }
 
 #[test]
