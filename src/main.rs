@@ -36,6 +36,12 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        if let Some(files) = &cfg.tls
+            && let Err(e) = turnserver::net::tls::load(files)
+        {
+            eprintln!("turnserver: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
         println!("{}: OK", cli.config.display());
         println!("{}", cfg.summary());
         return ExitCode::SUCCESS;

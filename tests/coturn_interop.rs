@@ -301,7 +301,7 @@ fn parse_totals(text: &str) -> Option<Totals> {
 }
 
 fn uclient(
-    server: &common::TestServer,
+    server_port: u16,
     peer_port: u16,
     password: &str,
     flags: &[&str],
@@ -313,7 +313,7 @@ fn uclient(
     cmd.args(flags)
         .args(["-u", common::USER, "-w", password])
         .args(["-e", "127.0.0.1", "-r", &peer_port.to_string()])
-        .args(["-p", &server.port.to_string()])
+        .args(["-p", &server_port.to_string()])
         .args(["-m", &clients.to_string()])
         .args(["-n", &messages.to_string()])
         .args(["-l", &length.to_string()])
@@ -337,7 +337,16 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
         clients.is_multiple_of(2),
         "uclient rounds odd client counts up"
     );
-    let server = common::start("");
+    // `-S` is TLS (over TCP): the server then needs a certificate and its TLS port.
+    let dir = common::TempDir::new("uclient-tls");
+    let (server, port) = if flags.contains(&"-S") {
+        let certs = common::TestCerts::generate(&dir.0, "uclient");
+        common::start_tls(&certs, "")
+    } else {
+        let server = common::start("");
+        let port = server.port;
+        (server, port)
+    };
     let peer = Peer::start();
 
     let results: Vec<(u32, String, RunOutput)> = std::thread::scope(|s| {
@@ -345,7 +354,7 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
             .iter()
             .map(|&length| {
                 let (mut cmd, line) = uclient(
-                    &server,
+                    port,
                     peer.port,
                     common::PASSWORD,
                     flags,
@@ -421,6 +430,16 @@ fn uclient_tcp_send_indications() {
     relay_traffic(&["-t", "-s"], 4, 150, &[120, 1200]);
 }
 
+#[test]
+fn uclient_tls_channel_data() {
+    relay_traffic(&["-t", "-S"], 6, 100, &[120, 1200]);
+}
+
+#[test]
+fn uclient_tls_send_indications() {
+    relay_traffic(&["-t", "-S", "-s"], 4, 100, &[120, 1200]);
+}
+
 /// uclient (without `-c`) allocates in RTP/RTCP pairs: EVEN-PORT with the R bit for the RTP
 /// session, then RESERVATION-TOKEN for the RTCP one. A port reserved that way must really be
 /// kept for the second Allocate (RFC 8656 7.2), even when other processes bind ports of the
@@ -440,7 +459,7 @@ fn uclient_rtp_rtcp_pairs_with_busy_odd_ports() {
         .collect();
     let (clients, messages, length) = (10, 20, 120);
     let (mut cmd, line) = uclient(
-        &server,
+        server.port,
         peer.port,
         common::PASSWORD,
         &[],
@@ -476,7 +495,7 @@ fn uclient_wrong_password_is_refused() {
     let server = common::start("");
     let peer = Peer::start();
     for flags in [&[][..], &["-t"][..]] {
-        let (mut cmd, line) = uclient(&server, peer.port, "wrong", flags, 2, 10, 120);
+        let (mut cmd, line) = uclient(server.port, peer.port, "wrong", flags, 2, 10, 120);
         let out = run(&mut cmd, RUN_DEADLINE);
         let context = format!(
             "{line}\nexit: {:?}, timed out: {}\nuclient output:\n{}\nserver log (tail):\n{}",

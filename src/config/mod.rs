@@ -48,6 +48,15 @@ pub struct ExternalIp {
     pub private: Option<IpAddr>,
 }
 
+/// Where the TLS certificate chain and private key are (`cert`, `pkey`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// PEM file with the server certificate first, then the intermediates.
+    pub cert: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub pkey: PathBuf,
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -59,6 +68,11 @@ pub struct Config {
     pub no_udp: bool,
     /// No TCP listener (`no-tcp`); never true together with `no_udp`.
     pub no_tcp: bool,
+    /// Port of the TLS listener (`tls-listening-port`); never 0, never `listening_port`.
+    pub tls_listening_port: u16,
+    /// Certificate chain and private key (PEM files) for TLS, when `cert` and `pkey` are both
+    /// set and `no-tls` is not.
+    pub tls: Option<TlsFiles>,
     /// Concrete local addresses relays are allocated on (`relay-ips`, else the listening
     /// addresses that are not wildcards); never empty, never a wildcard.
     pub relay_ips: Vec<IpAddr>,
@@ -93,6 +107,8 @@ pub struct Config {
 
 /// Default `listening-port`: the IANA STUN/TURN port.
 const DEFAULT_LISTENING_PORT: u16 = 3478;
+/// Default `tls-listening-port`: the IANA STUN/TURN over TLS port.
+const DEFAULT_TLS_LISTENING_PORT: u16 = 5349;
 /// Default `min-port`: the start of the IANA dynamic port range.
 const DEFAULT_MIN_PORT: u16 = 49152;
 /// Default `max-port`.
@@ -325,6 +341,10 @@ struct RawConfig {
     listening_port: Option<Spanned<u16>>,
     no_udp: Option<Spanned<bool>>,
     no_tcp: Option<Spanned<bool>>,
+    tls_listening_port: Option<Spanned<u16>>,
+    cert: Option<Spanned<String>>,
+    pkey: Option<Spanned<String>>,
+    no_tls: Option<Spanned<bool>>,
     relay_ips: Option<Spanned<Vec<Spanned<String>>>>,
     external_ip: Option<Spanned<ExternalIpField>>,
     min_port: Option<Spanned<u16>>,
@@ -476,6 +496,56 @@ impl RawConfig {
                 "no-udp and no-tcp are both true; the server would listen on nothing".into(),
             ));
         }
+
+        // TLS.
+        let tls_listening_port = value_or(&self.tls_listening_port, DEFAULT_TLS_LISTENING_PORT);
+        if tls_listening_port == 0 || tls_listening_port == listening_port {
+            return Err(check.error(
+                "tls-listening-port",
+                span_of(&self.tls_listening_port),
+                format!(
+                    "tls-listening-port {tls_listening_port} must be a port other than 0 and \
+                     listening-port (the standard one is 5349)"
+                ),
+            ));
+        }
+        let no_tls = value_or(&self.no_tls, false);
+        let tls = match (&self.cert, &self.pkey) {
+            (None, None) => None,
+            (Some(cert), Some(pkey)) => {
+                for (key, v) in [("cert", cert), ("pkey", pkey)] {
+                    if v.get_ref().is_empty() {
+                        return Err(check.error(
+                            key,
+                            Some(v.span()),
+                            format!("{key} is empty; give the path of a PEM file"),
+                        ));
+                    }
+                }
+                (!no_tls).then(|| TlsFiles {
+                    cert: PathBuf::from(cert.get_ref()),
+                    pkey: PathBuf::from(pkey.get_ref()),
+                })
+            }
+            (Some(cert), None) => {
+                return Err(check.error(
+                    "pkey",
+                    Some(cert.span()),
+                    "cert is set but pkey is not; TLS needs both the certificate chain and its \
+                     private key"
+                        .into(),
+                ));
+            }
+            (None, Some(pkey)) => {
+                return Err(check.error(
+                    "cert",
+                    Some(pkey.span()),
+                    "pkey is set but cert is not; TLS needs both the certificate chain and its \
+                     private key"
+                        .into(),
+                ));
+            }
+        };
 
         // Relay addresses.
         let relay_span = span_of(&self.relay_ips);
@@ -657,6 +727,8 @@ impl RawConfig {
             listening_port,
             no_udp,
             no_tcp,
+            tls_listening_port,
+            tls,
             relay_ips,
             external_ips,
             min_port,
@@ -896,6 +968,20 @@ impl Config {
             let addr = SocketAddr::new(*ip, self.listening_port);
             let _ = writeln!(out, "  {addr} ({transports})");
         }
+        if let Some(tls) = &self.tls {
+            for ip in &self.listening_ips {
+                let addr = SocketAddr::new(*ip, self.tls_listening_port);
+                let _ = writeln!(out, "  {addr} (tls)");
+            }
+            let _ = writeln!(
+                out,
+                "tls certificate: {} (key {})",
+                tls.cert.display(),
+                tls.pkey.display()
+            );
+        } else {
+            let _ = writeln!(out, "tls: off (set cert and pkey to enable)");
+        }
         let _ = writeln!(out, "relay ips: {}", join(&self.relay_ips));
         let port_count = u32::from(self.max_port) - u32::from(self.min_port) + 1;
         let _ = writeln!(
@@ -1114,12 +1200,52 @@ bob = "b"
     }
 
     #[test]
+    fn tls_keys() {
+        let base = "listening-ips = [\"127.0.0.1\"]\n[users]\na = \"b\"\n";
+        let config = parse(base).unwrap();
+        assert_eq!(config.tls_listening_port, 5349);
+        assert_eq!(config.tls, None);
+        let config = parse(&format!(
+            "cert = \"/c.pem\"\npkey = \"/k.pem\"\ntls-listening-port = 443\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(config.tls_listening_port, 443);
+        assert_eq!(
+            config.tls,
+            Some(TlsFiles {
+                cert: "/c.pem".into(),
+                pkey: "/k.pem".into()
+            })
+        );
+        assert!(config.summary().contains("127.0.0.1:443 (tls)"));
+        let off = parse(&format!(
+            "cert = \"/c.pem\"\npkey = \"/k.pem\"\nno-tls = true\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(off.tls, None);
+        let err = parse(&format!("\ncert = \"/c.pem\"\n{base}")).unwrap_err();
+        assert_eq!(err.key(), Some("pkey"));
+        assert_eq!(err.line(), Some(2));
+        let err = parse(&format!("pkey = \"/k.pem\"\n{base}")).unwrap_err();
+        assert_eq!(err.key(), Some("cert"));
+        let err = parse(&format!("tls-listening-port = 3478\n{base}")).unwrap_err();
+        assert_eq!(err.key(), Some("tls-listening-port"));
+        assert_eq!(err.line(), Some(1));
+        let err = parse(&format!("cert = \"\"\npkey = \"/k\"\n{base}")).unwrap_err();
+        assert_eq!(err.key(), Some("cert"));
+    }
+
+    #[test]
     fn example_file_documents_every_key() {
         for key in [
             "listening-ips",
             "listening-port",
             "no-udp",
             "no-tcp",
+            "tls-listening-port",
+            "cert",
+            "pkey",
+            "no-tls",
             "relay-ips",
             "external-ip",
             "min-port",

@@ -57,6 +57,7 @@ const BIND_ATTEMPTS: usize = 16;
 pub enum Transport {
     Udp,
     Tcp,
+    Tls,
 }
 
 impl Transport {
@@ -64,7 +65,13 @@ impl Transport {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
         }
+    }
+
+    /// Stream transports carry ChannelData padded to a multiple of four (RFC 8656 12.5).
+    pub fn is_stream(self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Tls)
     }
 }
 
@@ -1236,7 +1243,7 @@ impl Server {
                 .try_into()
                 .expect("a 4-byte range");
             ChannelData::write_header(hdr, ch.number, len as u16);
-            let end = if client.transport == Transport::Tcp {
+            let end = if client.transport.is_stream() {
                 let padded = payload.start + pad4(len);
                 buf[payload.end..padded].fill(0);
                 padded

@@ -10,17 +10,20 @@
 //! an allocation. Sends are non-blocking too: a UDP send that would block drops the datagram
 //! (as a full network would); a TCP send that would block queues whole frames up to a bound.
 
-mod tcp;
+mod stream;
+pub mod tls;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
 use tokio::task::{AbortHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::auth::Users;
@@ -30,7 +33,8 @@ use crate::core::{
 };
 use crate::wire::{HEADROOM, TAILROOM};
 
-pub use tcp::TcpConn;
+pub use stream::StreamConn;
+use tls::CertStore;
 
 /// Largest UDP payload, and so the largest datagram a relay or listener socket reads.
 const MAX_DATAGRAM: usize = 65_535;
@@ -144,7 +148,8 @@ pub struct Driver {
     server: RefCell<Server>,
     relays: RefCell<RelayTable>,
     udp: Vec<(SocketAddr, Rc<UdpSocket>)>,
-    tcp: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<TcpConn>>>,
+    /// TCP and TLS connections by (client, local) address.
+    streams: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<StreamConn>>>,
     bufs: RefCell<Buffers>,
 }
 
@@ -157,8 +162,8 @@ impl Driver {
                     let _ = send_udp(s, bytes, client.remote);
                 }
             }
-            Transport::Tcp => {
-                if let Some(c) = self.tcp.borrow().get(&(client.remote, client.local)) {
+            Transport::Tcp | Transport::Tls => {
+                if let Some(c) = self.streams.borrow().get(&(client.remote, client.local)) {
                     c.send(bytes);
                 }
             }
@@ -285,6 +290,25 @@ async fn udp_listener_loop(driver: Rc<Driver>, idx: usize) {
     }
 }
 
+/// Reloads the TLS certificate on SIGHUP, and when its files change (checked every few
+/// seconds), so that renewed certificates are picked up without a restart.
+async fn watch_certificates(certs: Arc<CertStore>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())
+        .map_err(|e| warn!(error = %e, "cannot watch SIGHUP; certificates reload on change only"))
+        .ok();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                certs.reload_logged("SIGHUP");
+            }
+            _ = tick.tick() => certs.reload_if_changed(),
+        }
+    }
+}
+
 async fn timer_loop(driver: Rc<Driver>) {
     loop {
         let next = driver.server.borrow().poll_timeout();
@@ -295,10 +319,20 @@ async fn timer_loop(driver: Rc<Driver>) {
     }
 }
 
-/// A bound set of listeners, ready to serve.
+/// A bound set of listeners, ready to serve, with the TLS certificate when TLS is on.
 pub struct Listeners {
     udp: Vec<std::net::UdpSocket>,
     tcp: Vec<std::net::TcpListener>,
+    tls: Vec<std::net::TcpListener>,
+    certs: Option<Arc<CertStore>>,
+}
+
+fn bind_tcp(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, String> {
+    let s = std::net::TcpListener::bind(addr)
+        .map_err(|e| format!("cannot listen on {what} {addr}: {e}"))?;
+    s.set_nonblocking(true)
+        .map_err(|e| format!("{what} {addr}: {e}"))?;
+    Ok(s)
 }
 
 impl Listeners {
@@ -307,6 +341,11 @@ impl Listeners {
         let mut l = Listeners {
             udp: Vec::new(),
             tcp: Vec::new(),
+            tls: Vec::new(),
+            certs: match &cfg.tls {
+                Some(files) => Some(CertStore::new(files.clone())?),
+                None => None,
+            },
         };
         for ip in &cfg.listening_ips {
             let addr = SocketAddr::new(*ip, cfg.listening_port);
@@ -318,11 +357,13 @@ impl Listeners {
                 l.udp.push(s);
             }
             if !cfg.no_tcp {
-                let s = std::net::TcpListener::bind(addr)
-                    .map_err(|e| format!("cannot listen on tcp {addr}: {e}"))?;
-                s.set_nonblocking(true)
-                    .map_err(|e| format!("tcp {addr}: {e}"))?;
-                l.tcp.push(s);
+                l.tcp.push(bind_tcp(addr, "tcp")?);
+            }
+            if l.certs.is_some() {
+                l.tls.push(bind_tcp(
+                    SocketAddr::new(*ip, cfg.tls_listening_port),
+                    "tls",
+                )?);
             }
         }
         Ok(l)
@@ -374,7 +415,7 @@ pub async fn serve(
             tasks: JoinSet::new(),
         }),
         udp,
-        tcp: RefCell::new(HashMap::new()),
+        streams: RefCell::new(HashMap::new()),
         bufs: RefCell::new(Buffers {
             input: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
             reply: vec![0u8; REPLY_BUF].into_boxed_slice(),
@@ -389,7 +430,16 @@ pub async fn serve(
     for s in listeners.tcp {
         let l = tokio::net::TcpListener::from_std(s)?;
         info!(listener = %l.local_addr()?, transport = "tcp", "listening");
-        tasks.spawn_local(tcp::accept_loop(driver.clone(), l));
+        tasks.spawn_local(stream::accept_tcp(driver.clone(), l));
+    }
+    if let Some(certs) = &listeners.certs {
+        let acceptor = TlsAcceptor::from(certs.server_config().map_err(io::Error::other)?);
+        for s in listeners.tls {
+            let l = tokio::net::TcpListener::from_std(s)?;
+            info!(listener = %l.local_addr()?, transport = "tls", "listening");
+            tasks.spawn_local(stream::accept_tls(driver.clone(), l, acceptor.clone()));
+        }
+        tasks.spawn_local(watch_certificates(certs.clone()));
     }
     info!(
         relay_ips = ?cfg.relay_ips,

@@ -159,3 +159,93 @@ pub fn udp_echo_peer(count: usize, timeout: Duration) -> SocketAddr {
     });
     addr
 }
+
+/// A throw-away CA and a server certificate it signed, for 127.0.0.1 (IP SAN) and localhost,
+/// written as PEM files into `dir`.
+pub struct TestCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The server certificate in DER, to recognise it on the wire.
+    pub cert_der: Vec<u8>,
+}
+
+impl TestCerts {
+    pub fn generate(dir: &std::path::Path, tag: &str) -> TestCerts {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+            SanType,
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("turnserver test CA {tag}"));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        leaf.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        leaf.distinguished_name
+            .push(DnType::CommonName, format!("turnserver test {tag}"));
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        let paths = TestCerts {
+            ca: dir.join(format!("ca-{tag}.pem")),
+            cert: dir.join(format!("cert-{tag}.pem")),
+            key: dir.join(format!("key-{tag}.pem")),
+            cert_der: cert.der().to_vec(),
+        };
+        std::fs::write(&paths.ca, ca_cert.pem()).unwrap();
+        std::fs::write(&paths.cert, cert.pem()).unwrap();
+        std::fs::write(&paths.key, key.serialize_pem()).unwrap();
+        paths
+    }
+}
+
+/// A directory for test files that is removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("turnserver-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A port free on 127.0.0.1 for TCP at the time of asking, other than `not`.
+pub fn free_tcp_port(not: u16) -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if port != not {
+            return port;
+        }
+    }
+}
+
+/// Starts a server with TLS on a free port using `certs`; returns it and the TLS port.
+pub fn start_tls(certs: &TestCerts, extra: &str) -> (TestServer, u16) {
+    for _ in 0..5 {
+        let tls_port = free_tcp_port(0);
+        let server = start(&format!(
+            "tls-listening-port = {tls_port}\ncert = \"{}\"\npkey = \"{}\"\n{extra}",
+            certs.cert.display(),
+            certs.key.display()
+        ));
+        if server.log().contains(&format!("127.0.0.1:{tls_port}")) {
+            return (server, tls_port);
+        }
+    }
+    panic!("could not start a TLS server");
+}

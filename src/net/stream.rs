@@ -1,0 +1,292 @@
+//! TURN over stream transports, TCP and TLS (RFC 8656 3.1, RFC 7065): STUN messages and
+//! ChannelData frames (padded to four bytes) back to back on one connection. Closing the
+//! connection deletes its allocation.
+//!
+//! Per connection, one task reads and feeds the core, and one writer task drains the
+//! connection's outgoing queue. On plain TCP a frame is written straight to the socket when
+//! nothing is queued (the common case: no task wake-up per relayed frame); on TLS every frame
+//! goes through the queue to the writer task, which owns the encrypting half of the stream.
+//! The queue holds whole frames up to a bound; beyond it frames are dropped and counted.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, WriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, warn};
+
+use super::Driver;
+use crate::core::{ClientId, Transport};
+use crate::wire::{Frame, frame_len};
+
+/// Bytes a connection may have queued for writing; frames beyond it are dropped.
+const MAX_QUEUED: usize = 256 * 1024;
+/// Initial read buffer; it grows up to the largest frame (a 64 KiB ChannelData or STUN message).
+const READ_BUF: usize = 4096;
+const MAX_FRAME: usize = 4 + 65_535 + 3;
+/// A TLS client must finish its handshake within this time.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The sending side of one client connection, shared with the tasks that relay to it.
+pub struct StreamConn {
+    /// Plain TCP: the socket, written directly while nothing is queued. `None` on TLS.
+    direct: Option<OwnedWriteHalf>,
+    queue: RefCell<Vec<u8>>,
+    notify: Notify,
+    closed: Cell<bool>,
+    dropped: Cell<u64>,
+}
+
+impl StreamConn {
+    fn new(direct: Option<OwnedWriteHalf>) -> Self {
+        StreamConn {
+            direct,
+            queue: RefCell::new(Vec::new()),
+            notify: Notify::new(),
+            closed: Cell::new(false),
+            dropped: Cell::new(0),
+        }
+    }
+
+    /// Sends a whole frame: written now if possible, else queued; dropped (and counted) if the
+    /// queue is full.
+    pub fn send(&self, frame: &[u8]) {
+        if self.closed.get() {
+            return;
+        }
+        let mut q = self.queue.borrow_mut();
+        let mut rest = frame;
+        if q.is_empty()
+            && let Some(w) = &self.direct
+        {
+            match w.try_write(frame) {
+                Ok(n) if n == frame.len() => return,
+                Ok(n) => rest = &frame[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => {
+                    self.close();
+                    return;
+                }
+            }
+        } else if q.len() + frame.len() > MAX_QUEUED {
+            self.dropped.set(self.dropped.get() + 1);
+            return;
+        }
+        q.extend_from_slice(rest);
+        self.notify.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.set(true);
+        self.notify.notify_one();
+    }
+}
+
+/// Accepts plain TCP connections.
+pub(super) async fn accept_tcp(driver: Rc<Driver>, listener: TcpListener) {
+    accept_loop(listener, |stream, remote, local| {
+        let (rd, wr) = stream.into_split();
+        let conn = Rc::new(StreamConn::new(Some(wr)));
+        let client = ClientId {
+            transport: Transport::Tcp,
+            remote,
+            local,
+        };
+        tokio::task::spawn_local(serve_connection(driver.clone(), conn, client, rd, None));
+    })
+    .await
+}
+
+/// Accepts TLS connections: each handshake runs in the connection's own task, bounded in time.
+pub(super) async fn accept_tls(driver: Rc<Driver>, listener: TcpListener, acceptor: TlsAcceptor) {
+    accept_loop(listener, |stream, remote, local| {
+        let driver = driver.clone();
+        let acceptor = acceptor.clone();
+        tokio::task::spawn_local(async move {
+            let client = ClientId {
+                transport: Transport::Tls,
+                remote,
+                local,
+            };
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(%client, error = %e, "tls handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%client, "tls handshake timed out");
+                    return;
+                }
+            };
+            let (rd, wr) = tokio::io::split(tls);
+            let conn = Rc::new(StreamConn::new(None));
+            serve_connection(driver, conn, client, rd, Some(wr)).await;
+        });
+    })
+    .await
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    mut on_accept: impl FnMut(TcpStream, SocketAddr, SocketAddr),
+) {
+    let local = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "stream listener has no address");
+            return;
+        }
+    };
+    loop {
+        match listener.accept().await {
+            Ok((stream, remote)) => {
+                let _ = stream.set_nodelay(true);
+                on_accept(stream, remote, local);
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off briefly rather than spin.
+                warn!(%local, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+type TlsWriter = WriteHalf<TlsStream<TcpStream>>;
+
+/// Drains the queue of a connection until it closes.
+async fn writer(conn: Rc<StreamConn>, mut tls: Option<TlsWriter>) {
+    let mut chunk = Vec::new();
+    loop {
+        conn.notify.notified().await;
+        loop {
+            if conn.closed.get() {
+                if let Some(w) = tls.as_mut() {
+                    let _ = w.shutdown().await;
+                }
+                return;
+            }
+            if conn.queue.borrow().is_empty() {
+                break;
+            }
+            let ok = match (&conn.direct, tls.as_mut()) {
+                (Some(w), _) => write_direct(&conn, w).await,
+                (None, Some(w)) => {
+                    // Take what is queued (swapping buffers, so the queue keeps accepting
+                    // frames while this awaits), encrypt and send it.
+                    std::mem::swap(&mut chunk, &mut *conn.queue.borrow_mut());
+                    let ok = w.write_all(&chunk).await.is_ok() && w.flush().await.is_ok();
+                    chunk.clear();
+                    ok
+                }
+                (None, None) => false,
+            };
+            if !ok {
+                conn.close();
+                return;
+            }
+        }
+    }
+}
+
+/// Writes queued bytes to a plain TCP socket once it is writable.
+async fn write_direct(conn: &StreamConn, w: &OwnedWriteHalf) -> bool {
+    if w.writable().await.is_err() {
+        return false;
+    }
+    let mut q = conn.queue.borrow_mut();
+    match w.try_write(&q) {
+        Ok(n) => {
+            q.drain(..n);
+            true
+        }
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    }
+}
+
+async fn serve_connection(
+    driver: Rc<Driver>,
+    conn: Rc<StreamConn>,
+    client: ClientId,
+    reader: impl AsyncRead + Unpin,
+    tls: Option<TlsWriter>,
+) {
+    driver
+        .streams
+        .borrow_mut()
+        .insert((client.remote, client.local), conn.clone());
+    let writer_task = tokio::task::spawn_local(writer(conn.clone(), tls));
+    debug!(%client, "connection opened");
+
+    let reason = read_frames(&driver, &conn, client, reader).await;
+
+    debug!(%client, reason, dropped = conn.dropped.get(), "connection closed");
+    conn.close();
+    driver
+        .streams
+        .borrow_mut()
+        .remove(&(client.remote, client.local));
+    {
+        let mut relays = driver.relays.borrow_mut();
+        driver
+            .server
+            .borrow_mut()
+            .handle_client_closed(client, &mut *relays);
+    }
+    // Let the writer flush a TLS close_notify; it ends on its own once closed is seen.
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+}
+
+/// Reads and dispatches frames until the connection ends; returns why it ended.
+async fn read_frames(
+    driver: &Driver,
+    conn: &StreamConn,
+    client: ClientId,
+    mut reader: impl AsyncRead + Unpin,
+) -> &'static str {
+    let mut buf = vec![0u8; READ_BUF];
+    let mut filled = 0;
+    loop {
+        // Dispatch every complete frame in the buffer.
+        let mut start = 0;
+        let now = Instant::now();
+        loop {
+            match frame_len(&buf[start..filled]) {
+                Frame::Complete(n) => {
+                    let frame = &buf[start..start + n];
+                    let mut bufs = driver.bufs.borrow_mut();
+                    driver.client_input(now, client, frame, &mut bufs.reply, |r| conn.send(r));
+                    start += n;
+                }
+                Frame::Incomplete(need) => {
+                    if need > MAX_FRAME {
+                        return "frame too large";
+                    }
+                    if need > buf.len() {
+                        buf.resize(need.max(buf.len() * 2).min(MAX_FRAME), 0);
+                    }
+                    break;
+                }
+                Frame::Invalid => return "not STUN or ChannelData",
+            }
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        if conn.closed.get() {
+            return "write failed";
+        }
+        match reader.read(&mut buf[filled..]).await {
+            Ok(0) => return "closed by client",
+            Ok(n) => filled += n,
+            Err(_) => return "read failed",
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! TLS for the stream listener ("turns:" URLs): loading the certificate chain and key named by
+//! `cert` and `pkey`, and swapping them for new handshakes when they change.
+//!
+//! The server configuration uses rustls with the ring provider: TLS 1.3 and 1.2, AEAD cipher
+//! suites only (AES-GCM, ChaCha20-Poly1305), no client certificates. Certificates are resolved
+//! per handshake from a [`CertStore`], so a reload affects new connections only; established
+//! ones keep the keys they negotiated.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use rustls::crypto::ring;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use tracing::{info, warn};
+
+use crate::config::TlsFiles;
+
+/// Reads a certificate chain and its private key, checking that they belong together. Errors
+/// name the file at fault.
+pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
+    let cert_name = files.cert.display();
+    let key_name = files.pkey.display();
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| format!("cert {cert_name}: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("cert {cert_name}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("cert {cert_name}: no certificate in the file"));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(&files.pkey).map_err(|e| format!("pkey {key_name}: {e}"))?;
+    let provider = ring::default_provider();
+    let signer = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("pkey {key_name}: {e}"))?;
+    let ck = CertifiedKey::new(certs, signer);
+    ck.keys_match()
+        .map_err(|e| format!("pkey {key_name} does not match cert {cert_name}: {e}"))?;
+    Ok(ck)
+}
+
+/// The current certificate, replaced on reload.
+pub struct CertStore {
+    files: TlsFiles,
+    current: RwLock<Arc<CertifiedKey>>,
+    /// Modification times of (cert, pkey) when last loaded.
+    stamps: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+}
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertStore")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+impl CertStore {
+    pub fn new(files: TlsFiles) -> Result<Arc<Self>, String> {
+        let stamps = (mtime(&files.cert), mtime(&files.pkey));
+        let key = load(&files)?;
+        Ok(Arc::new(CertStore {
+            files,
+            current: RwLock::new(Arc::new(key)),
+            stamps: Mutex::new(stamps),
+        }))
+    }
+
+    /// Loads the files again; on failure the current certificate stays and the error is
+    /// returned.
+    pub fn reload(&self) -> Result<(), String> {
+        let stamps = (mtime(&self.files.cert), mtime(&self.files.pkey));
+        let key = load(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+        Ok(())
+    }
+
+    /// Reloads if either file's modification time changed since the last load.
+    pub fn reload_if_changed(&self) {
+        let now = (mtime(&self.files.cert), mtime(&self.files.pkey));
+        let last = *self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        if now != last {
+            self.reload_logged("files changed");
+        }
+    }
+
+    /// Reloads and logs the outcome.
+    pub fn reload_logged(&self, why: &str) {
+        match self.reload() {
+            Ok(()) => info!(cert = %self.files.cert.display(), why, "tls certificate reloaded"),
+            Err(e) => {
+                // Remember the stamps anyway so that a broken file is reported once, not on
+                // every check; fixing the file changes them again.
+                *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (mtime(&self.files.cert), mtime(&self.files.pkey));
+                warn!(error = %e, why, "tls certificate not reloaded; keeping the current one");
+            }
+        }
+    }
+
+    /// The rustls server configuration resolving certificates from this store.
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<rustls::ServerConfig>, String> {
+        let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        Ok(Arc::new(cfg))
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
