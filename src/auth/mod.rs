@@ -4,14 +4,15 @@
 //! * [`Users`]: the realm and the user table, holding keys only (plain passwords are hashed at
 //!   load time and dropped).
 //! * [`NonceMint`]: nonces that need no table. A nonce is its expiry time and a truncated
-//!   HMAC-SHA1 over that time and the client's IP address under a per-process secret, so
-//!   checking one is a MAC computation and a comparison in constant time (RFC 8489 9.2.1 asks
-//!   for nonces bound to the client and limited in time).
+//!   HMAC-SHA1 over that time and the client's transport address (IP and port) under a
+//!   per-process secret, so checking one is a MAC computation and a comparison in constant
+//!   time. RFC 8489 9.2 asks for nonces limited in time, and 9.2.4 for a nonce never used for
+//!   two source addresses and ports.
 //!
 //! No clock is read here: times are seconds passed in by the caller.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
@@ -106,35 +107,36 @@ impl NonceMint {
         NonceMint { secret, lifetime }
     }
 
-    fn mac(&self, expiry: u32, ip: IpAddr) -> Hmac<Sha1> {
+    fn mac(&self, expiry: u32, client: SocketAddr) -> Hmac<Sha1> {
         // A 32-byte key always fits HMAC; `new_from_slice` cannot fail for it.
         let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(&self.secret)
             .expect("HMAC accepts keys of any length");
         mac.update(&expiry.to_be_bytes());
-        match ip {
+        match client.ip() {
             IpAddr::V4(a) => mac.update(&a.octets()),
             IpAddr::V6(a) => mac.update(&a.octets()),
         }
+        mac.update(&client.port().to_be_bytes());
         mac
     }
 
-    /// Writes a nonce valid until `now + lifetime` for a client at `ip`.
-    pub fn issue(&self, now: u64, ip: IpAddr, out: &mut [u8; NONCE_LEN]) {
+    /// Writes a nonce valid until `now + lifetime` for the client at `client`.
+    pub fn issue(&self, now: u64, client: SocketAddr, out: &mut [u8; NONCE_LEN]) {
         let expiry = (now + self.lifetime as u64).min(u32::MAX as u64) as u32;
-        let tag = self.mac(expiry, ip).finalize().into_bytes();
+        let tag = self.mac(expiry, client).finalize().into_bytes();
         hex_into(&expiry.to_be_bytes(), &mut out[..8]);
         hex_into(&tag[..12], &mut out[8..]);
     }
 
-    /// Checks a nonce received from a client at `ip` at time `now`.
-    pub fn check(&self, nonce: &[u8], now: u64, ip: IpAddr) -> NonceCheck {
+    /// Checks a nonce received from the client at `client` at time `now`.
+    pub fn check(&self, nonce: &[u8], now: u64, client: SocketAddr) -> NonceCheck {
         let mut raw = [0u8; NONCE_LEN / 2];
         if nonce.len() != NONCE_LEN || !unhex_into(nonce, &mut raw) {
             return NonceCheck::Stale;
         }
         let expiry = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
         if self
-            .mac(expiry, ip)
+            .mac(expiry, client)
             .verify_truncated_left(&raw[4..])
             .is_err()
         {
@@ -205,16 +207,18 @@ mod tests {
     #[test]
     fn nonce_valid_then_stale() {
         let mint = NonceMint::new([9; 32], 600);
-        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let ip: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let mut n = [0u8; NONCE_LEN];
         mint.issue(1000, ip, &mut n);
         assert!(n.iter().all(|c| c.is_ascii_hexdigit()));
         assert_eq!(mint.check(&n, 1000, ip), NonceCheck::Valid);
         assert_eq!(mint.check(&n, 1599, ip), NonceCheck::Valid);
         assert_eq!(mint.check(&n, 1600, ip), NonceCheck::Stale);
-        // Bound to the client's address and to the secret.
-        let other: IpAddr = "192.0.2.2".parse().unwrap();
+        // Bound to the client's address and port, and to the secret.
+        let other: SocketAddr = "192.0.2.2:5000".parse().unwrap();
         assert_eq!(mint.check(&n, 1000, other), NonceCheck::Stale);
+        let other_port: SocketAddr = "192.0.2.1:5001".parse().unwrap();
+        assert_eq!(mint.check(&n, 1000, other_port), NonceCheck::Stale);
         let mint2 = NonceMint::new([8; 32], 600);
         assert_eq!(mint2.check(&n, 1000, ip), NonceCheck::Stale);
         // Tampered, truncated, garbage.

@@ -182,8 +182,9 @@ impl ServerConfig {
     }
 }
 
-/// A small, fast, non-cryptographic generator (SplitMix64) for port order and the transaction
-/// IDs of Data indications. Seeded by the driver.
+/// A small, fast, non-cryptographic generator (SplitMix64), used only to shuffle the port
+/// pool at start. Its outputs never leave the server: reservation tokens and the transaction
+/// IDs of Data indications come from [`Prf`], which peers cannot predict.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
@@ -198,6 +199,46 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+}
+
+/// A keyed pseudo-random function (HMAC-SHA256 under the server secret) over a counter: the
+/// source of reservation tokens and of Data indication transaction IDs, which must be
+/// unpredictable to clients and peers (RFC 8489 5, RFC 8656 7.2). One MAC yields 32 bytes,
+/// handed out in pieces, so a Data indication costs a MAC every other datagram at most.
+struct Prf {
+    key: [u8; 32],
+    counter: u64,
+    block: [u8; 32],
+    used: usize,
+}
+
+impl Prf {
+    fn new(key: [u8; 32]) -> Self {
+        Prf {
+            key,
+            counter: 0,
+            block: [0; 32],
+            used: 32,
+        }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        use hmac::{Hmac, Mac};
+        for b in out {
+            if self.used == self.block.len() {
+                // HMAC accepts keys of any length; `new_from_slice` cannot fail.
+                let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
+                    .expect("HMAC takes any key length");
+                mac.update(b"turnserver prf");
+                mac.update(&self.counter.to_be_bytes());
+                self.block.copy_from_slice(&mac.finalize().into_bytes());
+                self.counter += 1;
+                self.used = 0;
+            }
+            *b = self.block[self.used];
+            self.used += 1;
+        }
     }
 }
 
@@ -285,6 +326,8 @@ enum Success {
         lifetime: u32,
         mapped: SocketAddr,
         token: Option<[u8; 8]>,
+        /// The family refused in a dual-allocation request, and why.
+        address_error: Option<(u8, ErrorCode)>,
     },
     Lifetime(u32),
     Empty,
@@ -296,7 +339,7 @@ pub struct Server {
     policy: PeerPolicy,
     nonces: NonceMint,
     epoch: Instant,
-    rng: Rng,
+    prf: Prf,
     allocs: Vec<Option<Allocation>>,
     /// Generation of each slot, bumped when the slot is freed, so that stale timer entries
     /// are recognised.
@@ -328,10 +371,10 @@ impl Server {
         };
         let span = cfg.max_port as usize - cfg.min_port as usize + 1;
         Server {
-            nonces: NonceMint::new(secret, cfg.stale_nonce),
+            nonces: NonceMint::new(derive_key(&secret, b"nonce"), cfg.stale_nonce),
             policy,
             epoch: now,
-            rng,
+            prf: Prf::new(derive_key(&secret, b"prf")),
             allocs: Vec::new(),
             gens: Vec::new(),
             free_slots: Vec::new(),
@@ -637,8 +680,7 @@ impl Server {
     ) -> ClientAction {
         self.stats.error(code.0);
         let mut nonce = [0u8; NONCE_LEN];
-        self.nonces
-            .issue(self.secs(now), client.remote.ip(), &mut nonce);
+        self.nonces.issue(self.secs(now), client.remote, &mut nonce);
         let method = req.method().name();
         if req.integrity().is_none() {
             // The first request of every client: the normal start of the exchange.
@@ -682,16 +724,17 @@ impl Server {
                 ),
             ));
         };
-        if self.nonces.check(nonce, self.secs(now), client.remote.ip()) == NonceCheck::Stale {
-            let refused = (ErrorCode::STALE_NONCE, "stale nonce");
-            return Err(self.challenge(now, client, msg, out, refused, Some(username)));
-        }
+        // RFC 8489 9.2.4 order: the user, then the integrity, then the nonce.
         let key = users.key(username).copied();
         let Some(key) = key.filter(|k| msg.verify(k)) else {
             self.stats.auth_failures += 1;
             let refused = (ErrorCode::UNAUTHORIZED, "bad credentials");
             return Err(self.challenge(now, client, msg, out, refused, Some(username)));
         };
+        if self.nonces.check(nonce, self.secs(now), client.remote) == NonceCheck::Stale {
+            let refused = (ErrorCode::STALE_NONCE, "stale nonce");
+            return Err(self.challenge(now, client, msg, out, refused, Some(username)));
+        }
         Ok(Some(Auth {
             username,
             key,
@@ -719,7 +762,12 @@ impl Server {
         let username = auth.as_ref().map_or("", |a| a.username);
         let result = match msg.method() {
             Method::ALLOCATE => self.allocate(now, client, msg, auth.as_ref(), relays),
-            m => match self.by_client.get(&client).copied() {
+            m => match self
+                .by_client
+                .get(&client)
+                .copied()
+                .filter(|s| self.alloc(*s).is_some_and(|a| a.expires > now))
+            {
                 None => Err((
                     ErrorCode::ALLOCATION_MISMATCH,
                     "no allocation for this 5-tuple",
@@ -745,11 +793,15 @@ impl Server {
                         lifetime,
                         mapped,
                         token,
+                        address_error,
                     } => {
                         w.add_xor_address(AttrType::XOR_RELAYED_ADDRESS, relayed)
                             .add_u32(AttrType::LIFETIME, lifetime);
                         if let Some(t) = token {
                             w.add(AttrType::RESERVATION_TOKEN, &t);
+                        }
+                        if let Some((family, code)) = address_error {
+                            w.add_address_error(family, code);
                         }
                         w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, mapped);
                     }
@@ -780,6 +832,12 @@ impl Server {
         auth: Option<&Auth>,
         relays: &mut impl RelaySockets,
     ) -> Result<Success, Refused> {
+        // An allocation past its lifetime whose timer has not run yet is gone already.
+        if let Some(&slot) = self.by_client.get(&client)
+            && self.alloc(slot).is_some_and(|a| a.expires <= now)
+        {
+            self.remove(slot, EndReason::Expired, relays);
+        }
         if let Some(&slot) = self.by_client.get(&client) {
             let Some(a) = self.alloc(slot) else {
                 return Err((ErrorCode::SERVER_ERROR, "allocation table inconsistent"));
@@ -787,11 +845,15 @@ impl Server {
             // A retransmission of the request that created the allocation gets the same answer.
             if a.created_by == *msg.transaction_id() {
                 let lifetime = a.expires.saturating_duration_since(now).as_secs() as u32;
+                let address_error = msg
+                    .has(AttrType::ADDITIONAL_ADDRESS_FAMILY)
+                    .then_some((FAMILY_IPV6, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED));
                 return Ok(Success::Allocate {
                     relayed: a.advertised,
                     lifetime,
                     mapped: client.remote,
                     token: a.reservation,
+                    address_error,
                 });
             }
             return Err((
@@ -799,6 +861,7 @@ impl Server {
                 "5-tuple already has an allocation",
             ));
         }
+        // Every attribute is checked before a port is taken (RFC 8656 7.2).
         let bad = (ErrorCode::BAD_REQUEST, "malformed attribute");
         match msg.requested_transport().map_err(|_| bad)? {
             None => return Err((ErrorCode::BAD_REQUEST, "no REQUESTED-TRANSPORT")),
@@ -813,18 +876,39 @@ impl Server {
         let even = msg.even_port().map_err(|_| bad)?;
         let token = msg.reservation_token().map_err(|_| bad)?;
         let family = msg.requested_address_family().map_err(|_| bad)?;
+        let additional = msg.additional_address_family().map_err(|_| bad)?;
+        let requested_lifetime = msg.lifetime().map_err(|_| bad)?;
+        // DONT-FRAGMENT is accepted: relay sockets use the kernel's path-MTU discovery
+        // default, which sets DF on every datagram that fits the known path MTU.
         if token.is_some() && (even.is_some() || family.is_some()) {
             return Err((
                 ErrorCode::BAD_REQUEST,
                 "RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY",
             ));
         }
-        if msg.has(AttrType::ADDITIONAL_ADDRESS_FAMILY) {
-            return Err((
-                ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
-                "dual allocation is not offered",
-            ));
-        }
+        // RFC 8656 7.2 steps 5, 6, 8, 9: ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 relay
+        // besides the IPv4 one, and combines with nothing that picks a single address.
+        let address_error = match additional {
+            None => None,
+            Some(_) if token.is_some() || family.is_some() || even == Some(true) => {
+                return Err((
+                    ErrorCode::BAD_REQUEST,
+                    "ADDITIONAL-ADDRESS-FAMILY with RESERVATION-TOKEN, \
+                     REQUESTED-ADDRESS-FAMILY or EVEN-PORT",
+                ));
+            }
+            Some(FAMILY_IPV6) => {
+                // Dual allocation is not offered: the IPv4 relay is allocated and the IPv6
+                // one refused in ADDRESS-ERROR-CODE (RFC 8656 7.2 step 9).
+                Some((FAMILY_IPV6, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED))
+            }
+            Some(_) => {
+                return Err((
+                    ErrorCode::BAD_REQUEST,
+                    "ADDITIONAL-ADDRESS-FAMILY must be IPv6",
+                ));
+            }
+        };
         let want_v4 = match family {
             None | Some(FAMILY_IPV4) => true,
             Some(FAMILY_IPV6) => false,
@@ -875,7 +959,7 @@ impl Server {
             self.bind_relay(now, ip, even, relays)?
         };
 
-        let lifetime = self.granted_lifetime(msg.lifetime().map_err(|_| bad)?);
+        let lifetime = self.granted_lifetime(requested_lifetime);
         let advertised = SocketAddr::new(self.advertise(relay.ip()), relay.port());
         let a = Allocation {
             client,
@@ -898,6 +982,7 @@ impl Server {
             lifetime,
             mapped: client.remote,
             token: reservation,
+            address_error,
         })
     }
 
@@ -942,7 +1027,8 @@ impl Server {
                 self.ports.release(port + 1);
                 continue;
             }
-            let token = self.rng.next_u64().to_be_bytes();
+            let mut token = [0u8; 8];
+            self.prf.fill(&mut token);
             self.reservations.push(Reservation {
                 token,
                 port: port + 1,
@@ -1006,7 +1092,24 @@ impl Server {
         if a.timer.is_none_or(|q| t < q) {
             a.timer = Some(t);
             self.timers.push(Reverse((t, slot, gen_)));
+            if self.timers.len() > 2 * self.live + 64 {
+                self.compact_timers();
+            }
         }
+    }
+
+    /// Drops timer entries that no longer match their allocation's deadline, so that the
+    /// queue stays proportional to the number of allocations however clients refresh.
+    fn compact_timers(&mut self) {
+        let allocs = &self.allocs;
+        let gens = &self.gens;
+        self.timers.retain(|Reverse((t, slot, gen_))| {
+            gens.get(*slot as usize) == Some(gen_)
+                && allocs
+                    .get(*slot as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|a| a.timer == Some(*t))
+        });
     }
 
     fn refresh(
@@ -1058,6 +1161,17 @@ impl Server {
         Ok(())
     }
 
+    /// The server's own addresses are peers only on relay ports (relay to relay); any other
+    /// port of theirs (the listeners, other services of the host) is out of reach. Peers on
+    /// loopback are exempt when `allow-loopback-peers` is on.
+    #[inline]
+    fn own_port_ok(&self, peer: SocketAddr) -> bool {
+        let port_ok = (self.cfg.min_port..=self.cfg.max_port).contains(&peer.port());
+        port_ok
+            || (self.cfg.allow_loopback_peers && policy::canonical(peer.ip()).is_loopback())
+            || !self.policy.is_own(peer.ip())
+    }
+
     fn create_permission(
         &mut self,
         now: Instant,
@@ -1082,11 +1196,17 @@ impl Server {
         let Some(a) = self.allocs[slot as usize].as_mut() else {
             return Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation"));
         };
-        let new = msg
-            .xor_peer_addresses()
-            .flatten()
-            .filter(|p| !a.perms.iter().any(|q| q.ip == p.ip()))
-            .count();
+        let mut new = 0;
+        for (i, p) in msg.xor_peer_addresses().flatten().enumerate() {
+            let repeated = msg
+                .xor_peer_addresses()
+                .flatten()
+                .take(i)
+                .any(|q| q.ip() == p.ip());
+            if !repeated && !a.perms.iter().any(|q| q.ip == p.ip()) {
+                new += 1;
+            }
+        }
         if a.perms.len() + new > max {
             return Err((ErrorCode::INSUFFICIENT_CAPACITY, "too many permissions"));
         }
@@ -1120,6 +1240,13 @@ impl Server {
             .map(|a| a.relay)
             .ok_or((ErrorCode::ALLOCATION_MISMATCH, "no allocation"))?;
         self.check_peer(relay, peer)?;
+        if !self.own_port_ok(peer) {
+            self.stats.drop(Drop::Forbidden);
+            return Err((
+                ErrorCode::FORBIDDEN,
+                "the server's own address outside the relay ports",
+            ));
+        }
         let max_channels = self.cfg.max_channels;
         let max_perms = self.cfg.max_permissions;
         let Some(a) = self.allocs[slot as usize].as_mut() else {
@@ -1176,6 +1303,11 @@ impl Server {
         let Some(&slot) = self.by_client.get(&client) else {
             return self.dropped(Drop::NoAllocation);
         };
+        // RFC 8489 6.3.2: an indication with unknown comprehension-required attributes is
+        // discarded.
+        if msg.unknown_required(&mut [0u16; 1]) > 0 {
+            return self.dropped(Drop::BadIndication);
+        }
         let (Ok(Some(peer)), Some(payload)) =
             (msg.xor_peer_address(), msg.range_of(AttrType::DATA))
         else {
@@ -1189,6 +1321,9 @@ impl Server {
         }
         if !a.permitted(peer.ip(), now) {
             return self.dropped(Drop::NoPermission);
+        }
+        if !self.own_port_ok(peer) {
+            return self.dropped(Drop::Forbidden);
         }
         let relay = a.relay;
         self.stats.to_peer_packets += 1;
@@ -1252,8 +1387,9 @@ impl Server {
             };
             start..end
         } else {
-            let txid = self.rng.next_u64();
-            write_data_indication(buf, payload, peer, txid)
+            let mut txid = TransactionId::default();
+            self.prf.fill(&mut txid.0);
+            write_data_indication(buf, payload, peer, &txid)
         };
         self.stats.to_client_packets += 1;
         self.stats.to_client_bytes += len as u64;
@@ -1375,20 +1511,26 @@ fn install_permission(a: &mut Allocation, ip: IpAddr, until: Instant, stats: &mu
     }
 }
 
+/// A key for one purpose, derived from the server secret.
+fn derive_key(secret: &[u8; 32], purpose: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac =
+        <Hmac<sha2::Sha256> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(purpose);
+    mac.finalize().into_bytes().into()
+}
+
 /// Writes a Data indication (RFC 8656 11.4) around `buf[payload]` in place and returns its
 /// range: header, XOR-PEER-ADDRESS and the DATA attribute header in front, padding after.
 fn write_data_indication(
     buf: &mut [u8],
     payload: Range<usize>,
     peer: SocketAddr,
-    txid: u64,
+    tid: &TransactionId,
 ) -> Range<usize> {
     let len = payload.len();
-    let mut tid = [0u8; 12];
-    tid[4..].copy_from_slice(&txid.to_be_bytes());
-    let tid = TransactionId(tid);
     let mut addr = [0u8; 20];
-    let alen = wire::encode_address(wire::xor_addr(peer, &tid), &mut addr);
+    let alen = wire::encode_address(wire::xor_addr(peer, tid), &mut addr);
     let start = payload.start - (HEADER_LEN + 4 + alen + 4);
     let body = 4 + alen + 4 + pad4(len);
     let mut o = start;

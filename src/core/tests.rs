@@ -38,6 +38,8 @@ struct H {
     t0: Instant,
     now: Instant,
     nonce: Vec<u8>,
+    /// The client the nonce was issued to (nonces are bound to the source address and port).
+    nonce_for: Option<SocketAddr>,
     txn: u8,
 }
 
@@ -102,6 +104,7 @@ impl H {
             t0,
             now: t0,
             nonce: Vec::new(),
+            nonce_for: None,
             txn: 0,
         }
     }
@@ -168,6 +171,7 @@ impl H {
                 assert_eq!(m.fingerprint_valid(), Some(true));
                 if let Ok(Some(n)) = m.nonce() {
                     self.nonce = n.to_vec();
+                    self.nonce_for = Some(c.remote);
                 }
                 r
             }
@@ -175,7 +179,15 @@ impl H {
         }
     }
 
-    /// An authenticated request as `alice`, after fetching a nonce if there is none.
+    /// An unauthenticated request from `c`: its 401 carries a nonce for `c`.
+    fn probe(&mut self, c: ClientId) {
+        let t = self.txid();
+        let probe = self.build(Method::ALLOCATE, t, None, |_| {});
+        let r = self.request(c, &probe);
+        assert_eq!(r.code(), Some(401));
+    }
+
+    /// An authenticated request as `alice`, after fetching a nonce for `c` if needed.
     fn auth(&mut self, c: ClientId, method: Method, add: impl FnOnce(&mut MessageWriter)) -> Resp {
         self.auth_as(c, method, (USER, PASS), add)
     }
@@ -187,11 +199,8 @@ impl H {
         user: (&str, &str),
         add: impl FnOnce(&mut MessageWriter),
     ) -> Resp {
-        if self.nonce.is_empty() {
-            let t = self.txid();
-            let probe = self.build(Method::ALLOCATE, t, None, |_| {});
-            let r = self.request(client(1), &probe);
-            assert_eq!(r.code(), Some(401));
+        if self.nonce_for != Some(c.remote) {
+            self.probe(c);
         }
         let t = self.txid();
         let req = self.build(method, t, Some(user), add);
@@ -408,14 +417,18 @@ fn expired_nonce_gets_438_and_a_fresh_nonce_works() {
     let t = h.txid();
     let req = h.build(Method::REFRESH, t, Some((USER, PASS)), |_| {});
     assert_eq!(h.request(elsewhere, &req).code(), Some(438));
+    // So is a nonce issued to another port of the same address (RFC 8489 9.2.4).
+    h.probe(client(1));
+    let t = h.txid();
+    let req = h.build(Method::REFRESH, t, Some((USER, PASS)), |_| {});
+    assert_eq!(h.request(client(2), &req).code(), Some(438));
 }
 
 #[test]
 fn allocation_mismatch_and_retransmission() {
     let mut h = H::new();
-    h.allocate(client(1)); // fetches a nonce
-    h.nonce.clear();
-    let _ = h.auth(client(5), Method::BINDING, |_| {});
+    h.allocate_ok(client(1));
+    h.probe(client(2));
     let t = h.txid();
     let req = h.build(Method::ALLOCATE, t, Some((USER, PASS)), |w| {
         w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
@@ -1012,7 +1025,7 @@ fn no_auth_mode_allocates_without_credentials() {
 #[test]
 fn sha256_integrity_is_accepted_and_answered_in_kind() {
     let mut h = H::new();
-    h.allocate(client(9)); // nonce
+    h.probe(client(1));
     let t = h.txid();
     let nonce = h.nonce.clone();
     let mut buf = vec![0u8; 512];
@@ -1056,4 +1069,153 @@ fn fake_clock_runs_forward_only_through_timeouts() {
     let t = h.s.poll_timeout().unwrap();
     assert_eq!(t, h.now + Duration::from_secs(600));
     assert_eq!(h.at(), 0);
+}
+
+#[test]
+fn a_malformed_attribute_after_the_checks_takes_no_port() {
+    let mut h = H::new();
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add(AttrType::LIFETIME, &[0, 1]);
+    });
+    assert_eq!(r.code(), Some(400));
+    assert_eq!(h.s.ports_in_use(), 0);
+    assert!(h.relays.open.is_empty());
+}
+
+#[test]
+fn own_addresses_are_peers_only_on_relay_ports() {
+    let mut h = H::new();
+    let relay = h.allocate_ok(client(1));
+    let other = h.allocate_ok(client(2));
+    // Relay to relay: allowed.
+    assert_eq!(h.bind(client(1), 0x4000, other).class(), Class::Success);
+    assert!(matches!(
+        h.channel_data(client(1), 0x4000, b"hi"),
+        ClientAction::Forward { .. }
+    ));
+    // Another port of the server's own address: refused, by channel and by Send.
+    let dns = SocketAddr::new(relay.ip(), 53);
+    assert_eq!(h.bind(client(1), 0x4001, dns).code(), Some(403));
+    assert_eq!(h.send_indication(client(1), dns, b"x"), ClientAction::None);
+    assert_eq!(h.s.stats().dropped(Drop::Forbidden), 2);
+}
+
+#[test]
+fn bad_password_with_a_stale_nonce_is_401_not_438() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    h.refresh(client(1), Some(3600));
+    h.advance(601);
+    let t = h.txid();
+    let req = h.build(Method::REFRESH, t, Some((USER, "wrong")), |_| {});
+    assert_eq!(h.request(client(1), &req).code(), Some(401));
+}
+
+#[test]
+fn additional_address_family() {
+    let mut h = H::new();
+    let dual = |w: &mut MessageWriter, family: u8| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add_u32(AttrType::ADDITIONAL_ADDRESS_FAMILY, (family as u32) << 24);
+    };
+    let r = h.auth(client(1), Method::ALLOCATE, |w| dual(w, FAMILY_IPV4));
+    assert_eq!(r.code(), Some(400));
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        dual(w, FAMILY_IPV6);
+        w.add_u32(
+            AttrType::REQUESTED_ADDRESS_FAMILY,
+            (FAMILY_IPV4 as u32) << 24,
+        );
+    });
+    assert_eq!(r.code(), Some(400));
+    let r = h.auth(client(1), Method::ALLOCATE, |w| {
+        dual(w, FAMILY_IPV6);
+        w.add(AttrType::EVEN_PORT, &[0x80]);
+    });
+    assert_eq!(r.code(), Some(400));
+    // IPv4 relay granted, IPv6 refused in ADDRESS-ERROR-CODE.
+    let r = h.auth(client(1), Method::ALLOCATE, |w| dual(w, FAMILY_IPV6));
+    assert_eq!(r.class(), Class::Success);
+    let relayed = r
+        .msg()
+        .xor_address(AttrType::XOR_RELAYED_ADDRESS)
+        .unwrap()
+        .unwrap();
+    assert!(relayed.is_ipv4());
+    let aec = r.msg().get(AttrType::ADDRESS_ERROR_CODE).unwrap().to_vec();
+    assert_eq!((aec[0], aec[2], aec[3]), (FAMILY_IPV6, 4, 40));
+    assert_eq!(h.s.ports_in_use(), 1);
+}
+
+#[test]
+fn send_indication_with_unknown_required_attribute_is_discarded() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    h.permit(client(1), public_peer(1));
+    let mut buf = vec![0u8; 256];
+    let mut w = MessageWriter::new(
+        &mut buf,
+        Method::SEND,
+        Class::Indication,
+        &TransactionId([5; 12]),
+    );
+    w.add_xor_address(AttrType::XOR_PEER_ADDRESS, public_peer(1))
+        .add(AttrType(0x0042), b"?")
+        .add(AttrType::DATA, b"data");
+    let n = w.finish().unwrap();
+    assert_eq!(h.send(client(1), &buf[..n]), ClientAction::None);
+    assert_eq!(h.s.stats().dropped(Drop::BadIndication), 1);
+}
+
+#[test]
+fn timer_queue_stays_bounded_with_shrinking_lifetimes() {
+    let mut h = H::new();
+    h.allocate_ok(client(1));
+    for l in (600..3600).rev().step_by(3) {
+        h.refresh(client(1), Some(l));
+    }
+    assert!(
+        h.s.timers.len() <= 2 * h.s.allocation_count() + 65,
+        "{}",
+        h.s.timers.len()
+    );
+    // The last refresh asked for 602 s.
+    h.advance(601);
+    assert_eq!(h.s.allocation_count(), 1);
+    h.advance(1);
+    assert_eq!(h.s.allocation_count(), 0);
+}
+
+#[test]
+fn an_expired_allocation_is_gone_before_its_timer_runs() {
+    let mut h = H::new();
+    let first = h.allocate_ok(client(1));
+    // Time passes without handle_timeout.
+    h.now += Duration::from_secs(600);
+    assert_eq!(h.refresh(client(1), Some(600)).code(), Some(437));
+    let second = h.allocate_ok(client(1));
+    assert_eq!(h.s.allocation_count(), 1);
+    assert!(h.relays.closed.contains(&first));
+    assert!(h.relays.open.contains(&second));
+}
+
+#[test]
+fn data_indication_transaction_ids_are_not_sequential() {
+    let mut h = H::new();
+    let relay = h.allocate_ok(client(1));
+    h.permit(client(1), public_peer(1));
+    let ids: Vec<[u8; 12]> = (0..4)
+        .map(|_| {
+            let (_, b) = h.peer_sends(relay, public_peer(1), b"x").unwrap();
+            MessageRef::parse(&b).unwrap().transaction_id().0
+        })
+        .collect();
+    for (i, a) in ids.iter().enumerate() {
+        for b in &ids[i + 1..] {
+            assert_ne!(a, b);
+            // No shared 8-byte run, as a counter or a bare 64-bit generator would leave.
+            assert_ne!(a[..4], b[..4]);
+        }
+    }
 }

@@ -90,12 +90,11 @@ struct Buffers {
     reply: Box<[u8]>,
 }
 
-/// The relay sockets of a driver, indexed by port.
+/// The relay sockets of a driver, indexed by port, each with the task receiving on it.
 pub struct RelayTable {
     min_port: u16,
     sockets: Vec<Option<(Rc<UdpSocket>, AbortHandle)>>,
     driver: Weak<Driver>,
-    tasks: JoinSet<()>,
 }
 
 impl RelayTable {
@@ -105,9 +104,7 @@ impl RelayTable {
     }
 
     fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
-        let s = std::net::UdpSocket::bind(addr)?;
-        s.set_nonblocking(true)?;
-        UdpSocket::from_std(s)
+        UdpSocket::from_std(bind_udp(addr)?)
     }
 }
 
@@ -126,10 +123,8 @@ impl RelaySockets for RelayTable {
                 return false;
             }
         };
-        let abort = self
-            .tasks
-            .spawn_local(relay_loop(self.driver.clone(), sock.clone(), addr));
-        self.sockets[i] = Some((sock, abort));
+        let task = tokio::task::spawn_local(relay_loop(self.driver.clone(), sock.clone(), addr));
+        self.sockets[i] = Some((sock, task.abort_handle()));
         true
     }
 
@@ -201,7 +196,8 @@ impl Driver {
         }
     }
 
-    fn drain_udp_listener(&self, sock: &UdpSocket, local: SocketAddr) {
+    /// Returns `true` if the batch was used up (more may be waiting).
+    fn drain_udp_listener(&self, sock: &UdpSocket, local: SocketAddr) -> bool {
         let mut bufs = self.bufs.borrow_mut();
         let Buffers { input, reply } = &mut *bufs;
         let now = Instant::now();
@@ -217,16 +213,18 @@ impl Driver {
                         let _ = send_udp(sock, r, remote);
                     });
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
                     debug!(%local, error = %e, "udp receive error");
-                    break;
+                    return false;
                 }
             }
         }
+        true
     }
 
-    fn drain_relay(&self, sock: &UdpSocket, relay: SocketAddr) {
+    /// Returns `true` if the batch was used up (more may be waiting).
+    fn drain_relay(&self, sock: &UdpSocket, relay: SocketAddr) -> bool {
         let mut bufs = self.bufs.borrow_mut();
         let buf = &mut bufs.input[..];
         let now = Instant::now();
@@ -244,13 +242,14 @@ impl Driver {
                         self.send_to_client(&client, &buf[range]);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) => {
                     debug!(%relay, error = %e, "relay receive error");
-                    break;
+                    return false;
                 }
             }
         }
+        true
     }
 
     fn on_timer(&self) {
@@ -272,9 +271,11 @@ async fn relay_loop(driver: Weak<Driver>, sock: Rc<UdpSocket>, relay: SocketAddr
             return;
         }
         let Some(d) = driver.upgrade() else { return };
-        d.drain_relay(&sock, relay);
-        // Let the listeners and other relays run between batches.
-        tokio::task::yield_now().await;
+        if d.drain_relay(&sock, relay) {
+            // A full batch: let the listeners and other relays run before the next one.
+            drop(d);
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -285,8 +286,9 @@ async fn udp_listener_loop(driver: Rc<Driver>, idx: usize) {
             warn!(%local, error = %e, "udp listener failed");
             return;
         }
-        driver.drain_udp_listener(&sock, local);
-        tokio::task::yield_now().await;
+        if driver.drain_udp_listener(&sock, local) {
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -327,12 +329,32 @@ pub struct Listeners {
     certs: Option<Arc<CertStore>>,
 }
 
-fn bind_tcp(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, String> {
-    let s = std::net::TcpListener::bind(addr)
-        .map_err(|e| format!("cannot listen on {what} {addr}: {e}"))?;
-    s.set_nonblocking(true)
-        .map_err(|e| format!("{what} {addr}: {e}"))?;
+/// A socket of `addr`'s family, non-blocking, IPv6 sockets IPv6-only (an IPv4 client on a
+/// dual-stack socket would be seen as `::ffff:a.b.c.d` and get IPv6 addresses back).
+fn new_socket(addr: SocketAddr, ty: socket2::Type) -> io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, None)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
     Ok(s)
+}
+
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = new_socket(addr, socket2::Type::DGRAM)?;
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
+fn bind_tcp(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, String> {
+    let listen = || -> io::Result<std::net::TcpListener> {
+        let s = new_socket(addr, socket2::Type::STREAM)?;
+        s.set_reuse_address(true)?;
+        s.bind(&addr.into())?;
+        s.listen(1024)?;
+        Ok(s.into())
+    };
+    listen().map_err(|e| format!("cannot listen on {what} {addr}: {e}"))
 }
 
 impl Listeners {
@@ -350,11 +372,8 @@ impl Listeners {
         for ip in &cfg.listening_ips {
             let addr = SocketAddr::new(*ip, cfg.listening_port);
             if !cfg.no_udp {
-                let s = std::net::UdpSocket::bind(addr)
-                    .map_err(|e| format!("cannot listen on udp {addr}: {e}"))?;
-                s.set_nonblocking(true)
-                    .map_err(|e| format!("udp {addr}: {e}"))?;
-                l.udp.push(s);
+                l.udp
+                    .push(bind_udp(addr).map_err(|e| format!("cannot listen on udp {addr}: {e}"))?);
             }
             if !cfg.no_tcp {
                 l.tcp.push(bind_tcp(addr, "tcp")?);
@@ -412,7 +431,6 @@ pub async fn serve(
             min_port: cfg.min_port,
             sockets: (0..span).map(|_| None).collect(),
             driver: me.clone(),
-            tasks: JoinSet::new(),
         }),
         udp,
         streams: RefCell::new(HashMap::new()),
@@ -454,6 +472,5 @@ pub async fn serve(
     tasks.abort_all();
     let mut relays = driver.relays.borrow_mut();
     driver.server.borrow_mut().close_all(&mut *relays);
-    relays.tasks.abort_all();
     Ok(())
 }

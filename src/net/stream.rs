@@ -28,9 +28,11 @@ use crate::wire::{Frame, frame_len};
 
 /// Bytes a connection may have queued for writing; frames beyond it are dropped.
 const MAX_QUEUED: usize = 256 * 1024;
-/// Initial read buffer; it grows up to the largest frame (a 64 KiB ChannelData or STUN message).
+/// Initial read buffer; it grows up to the largest frame.
 const READ_BUF: usize = 4096;
-const MAX_FRAME: usize = 4 + 65_535 + 3;
+/// The largest frame: a STUN message of 20 + 65,532 bytes (ChannelData tops out at
+/// 4 + 65,535 + 1 of padding).
+const MAX_FRAME: usize = 20 + 65_532;
 /// A TLS client must finish its handshake within this time.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -183,7 +185,7 @@ async fn writer(conn: Rc<StreamConn>, mut tls: Option<TlsWriter>) {
                     // Take what is queued (swapping buffers, so the queue keeps accepting
                     // frames while this awaits), encrypt and send it.
                     std::mem::swap(&mut chunk, &mut *conn.queue.borrow_mut());
-                    let ok = w.write_all(&chunk).await.is_ok() && w.flush().await.is_ok();
+                    let ok = write_records(w, &chunk).await;
                     chunk.clear();
                     ok
                 }
@@ -195,6 +197,25 @@ async fn writer(conn: Rc<StreamConn>, mut tls: Option<TlsWriter>) {
             }
         }
     }
+}
+
+/// Encrypts queued frames one TLS record per frame, then flushes. TLS is a byte stream and
+/// a record may carry several frames, but some clients (coturn's test client among them)
+/// read one message per record, as coturn writes them; the cost is a record header per frame.
+async fn write_records(w: &mut TlsWriter, frames: &[u8]) -> bool {
+    let mut rest = frames;
+    while !rest.is_empty() {
+        // The queue holds whole frames only; anything unframable is written as it is.
+        let n = match frame_len(rest) {
+            Frame::Complete(n) => n,
+            _ => rest.len(),
+        };
+        if w.write_all(&rest[..n]).await.is_err() {
+            return false;
+        }
+        rest = &rest[n..];
+    }
+    w.flush().await.is_ok()
 }
 
 /// Writes queued bytes to a plain TCP socket once it is writable.
@@ -241,8 +262,14 @@ async fn serve_connection(
             .borrow_mut()
             .handle_client_closed(client, &mut *relays);
     }
-    // Let the writer flush a TLS close_notify; it ends on its own once closed is seen.
-    let _ = tokio::time::timeout(Duration::from_secs(1), writer_task).await;
+    // Let the writer flush a TLS close_notify, but not wait on a client that stopped reading.
+    let abort = writer_task.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(1), writer_task)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
 }
 
 /// Reads and dispatches frames until the connection ends; returns why it ended.

@@ -78,6 +78,7 @@ impl AttrType {
                 | AttrType::USERHASH
                 | AttrType::XOR_MAPPED_ADDRESS
                 | AttrType::RESERVATION_TOKEN
+                | AttrType::ADDITIONAL_ADDRESS_FAMILY
                 | AttrType::PRIORITY
                 | AttrType::USE_CANDIDATE
         ) || !self.comprehension_required()

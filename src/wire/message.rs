@@ -326,6 +326,13 @@ impl<'a> MessageRef<'a> {
             .map(|v| (v >> 24) as u8))
     }
 
+    /// The family byte of ADDITIONAL-ADDRESS-FAMILY (RFC 8656 18.11).
+    pub fn additional_address_family(&self) -> Result<Option<u8>, AttrError> {
+        Ok(self
+            .u32_attr(AttrType::ADDITIONAL_ADDRESS_FAMILY)?
+            .map(|v| (v >> 24) as u8))
+    }
+
     /// EVEN-PORT: `Some(reserve_next)` when present (RFC 8656 18.6).
     pub fn even_port(&self) -> Result<Option<bool>, AttrError> {
         match self.get(AttrType::EVEN_PORT) {

@@ -119,6 +119,20 @@ impl<'b> MessageWriter<'b> {
         self
     }
 
+    /// Appends ADDRESS-ERROR-CODE (RFC 8656 18.13): the family a dual allocation could not
+    /// provide, and why.
+    pub fn add_address_error(&mut self, family: u8, code: ErrorCode) -> &mut Self {
+        let reason = code.reason().as_bytes();
+        if let Some(v) = self.reserve(AttrType::ADDRESS_ERROR_CODE, 4 + reason.len()) {
+            v[0] = family;
+            v[1] = 0;
+            v[2] = (code.0 / 100) as u8 & 0x07;
+            v[3] = (code.0 % 100) as u8;
+            v[4..].copy_from_slice(reason);
+        }
+        self
+    }
+
     /// Appends UNKNOWN-ATTRIBUTES listing `types` (RFC 8489 14.13).
     pub fn add_unknown_attributes(&mut self, types: &[u16]) -> &mut Self {
         if let Some(v) = self.reserve(AttrType::UNKNOWN_ATTRIBUTES, types.len() * 2) {
