@@ -36,9 +36,15 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
-        if let Some(files) = &cfg.tls
-            && let Err(e) = turnserver::net::tls::load(files)
-        {
+        let certificates = [
+            cfg.tls
+                .as_ref()
+                .map(|f| turnserver::net::tls::load(f).map(drop)),
+            cfg.dtls
+                .as_ref()
+                .map(|f| turnserver::net::dtls::load(f).map(drop)),
+        ];
+        if let Some(Err(e)) = certificates.into_iter().flatten().find(Result::is_err) {
             eprintln!("turnserver: invalid configuration: {e}");
             return ExitCode::FAILURE;
         }

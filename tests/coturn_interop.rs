@@ -440,6 +440,69 @@ fn uclient_tls_send_indications() {
     relay_traffic(&["-t", "-S", "-s"], 4, 100, &[120, 1200]);
 }
 
+/// `-S` without `-t` is DTLS (RFC 7350) on the TLS port over UDP.
+#[test]
+fn uclient_dtls_channel_data() {
+    relay_traffic(&["-S"], 6, 100, &[120, 1200]);
+}
+
+#[test]
+fn uclient_dtls_send_indications() {
+    relay_traffic(&["-S", "-s"], 4, 100, &[120, 1200]);
+}
+
+/// An independent DTLS 1.2 client (OpenSSL) completes a handshake with a modern suite and
+/// verifies the certificate against the test CA.
+#[test]
+fn openssl_dtls_handshake() {
+    if !tools_available() {
+        return;
+    }
+    if !on_path("openssl") {
+        assert!(
+            std::env::var("TURNSERVER_REQUIRE_INTEROP").as_deref() != Ok("1"),
+            "openssl is not installed (apt-get install openssl)"
+        );
+        eprintln!("skipping: openssl not installed");
+        return;
+    }
+    let dir = common::TempDir::new("dtls-openssl");
+    let certs = common::TestCerts::generate(&dir.0, "dtls");
+    let (server, port) = common::start_tls(&certs, "");
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-dtls1_2",
+        "-connect",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .arg("-CAfile")
+    .arg(&certs.ca)
+    .stdin(std::process::Stdio::null());
+    let out = run(&mut cmd, RUN_DEADLINE);
+    assert!(out.text.contains("Protocol  : DTLSv1.2"), "{}", out.text);
+    assert!(
+        out.text.contains("Verify return code: 0 (ok)"),
+        "{}",
+        out.text
+    );
+    let cipher = out
+        .text
+        .lines()
+        .find_map(|l| l.split("Cipher is ").nth(1))
+        .unwrap_or("");
+    assert!(
+        cipher.starts_with("ECDHE-") && (cipher.contains("GCM") || cipher.contains("CHACHA20")),
+        "cipher {cipher:?}\n{}",
+        out.text
+    );
+    assert!(wait_for_log(
+        &server,
+        "dtls association",
+        Duration::from_secs(5)
+    ));
+}
+
 /// uclient (without `-c`) allocates in RTP/RTCP pairs: EVEN-PORT with the R bit for the RTP
 /// session, then RESERVATION-TOKEN for the RTCP one. A port reserved that way must really be
 /// kept for the second Allocate (RFC 8656 7.2), even when other processes bind ports of the

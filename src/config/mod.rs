@@ -73,6 +73,9 @@ pub struct Config {
     /// Certificate chain and private key (PEM files) for TLS, when `cert` and `pkey` are both
     /// set and `no-tls` is not.
     pub tls: Option<TlsFiles>,
+    /// The same files for DTLS on UDP `tls-listening-port`, when `cert` and `pkey` are both set
+    /// and `no-dtls` is not.
+    pub dtls: Option<TlsFiles>,
     /// Concrete local addresses relays are allocated on (`relay-ips`, else the listening
     /// addresses that are not wildcards); never empty, never a wildcard.
     pub relay_ips: Vec<IpAddr>,
@@ -345,6 +348,7 @@ struct RawConfig {
     cert: Option<Spanned<String>>,
     pkey: Option<Spanned<String>>,
     no_tls: Option<Spanned<bool>>,
+    no_dtls: Option<Spanned<bool>>,
     relay_ips: Option<Spanned<Vec<Spanned<String>>>>,
     external_ip: Option<Spanned<ExternalIpField>>,
     min_port: Option<Spanned<u16>>,
@@ -510,7 +514,8 @@ impl RawConfig {
             ));
         }
         let no_tls = value_or(&self.no_tls, false);
-        let tls = match (&self.cert, &self.pkey) {
+        let no_dtls = value_or(&self.no_dtls, false);
+        let files = match (&self.cert, &self.pkey) {
             (None, None) => None,
             (Some(cert), Some(pkey)) => {
                 for (key, v) in [("cert", cert), ("pkey", pkey)] {
@@ -522,7 +527,7 @@ impl RawConfig {
                         ));
                     }
                 }
-                (!no_tls).then(|| TlsFiles {
+                Some(TlsFiles {
                     cert: PathBuf::from(cert.get_ref()),
                     pkey: PathBuf::from(pkey.get_ref()),
                 })
@@ -546,6 +551,9 @@ impl RawConfig {
                 ));
             }
         };
+
+        let tls = files.clone().filter(|_| !no_tls);
+        let dtls = files.filter(|_| !no_dtls);
 
         // Relay addresses.
         let relay_span = span_of(&self.relay_ips);
@@ -729,6 +737,7 @@ impl RawConfig {
             no_tcp,
             tls_listening_port,
             tls,
+            dtls,
             relay_ips,
             external_ips,
             min_port,
@@ -982,6 +991,12 @@ impl Config {
         } else {
             let _ = writeln!(out, "tls: off (set cert and pkey to enable)");
         }
+        if self.dtls.is_some() {
+            for ip in &self.listening_ips {
+                let addr = SocketAddr::new(*ip, self.tls_listening_port);
+                let _ = writeln!(out, "  {addr} (dtls)");
+            }
+        }
         let _ = writeln!(out, "relay ips: {}", join(&self.relay_ips));
         let port_count = u32::from(self.max_port) - u32::from(self.min_port) + 1;
         let _ = writeln!(
@@ -1218,11 +1233,19 @@ bob = "b"
             })
         );
         assert!(config.summary().contains("127.0.0.1:443 (tls)"));
+        assert_eq!(config.dtls, config.tls);
         let off = parse(&format!(
             "cert = \"/c.pem\"\npkey = \"/k.pem\"\nno-tls = true\n{base}"
         ))
         .unwrap();
         assert_eq!(off.tls, None);
+        assert!(off.dtls.is_some());
+        let off = parse(&format!(
+            "cert = \"/c.pem\"\npkey = \"/k.pem\"\nno-dtls = true\n{base}"
+        ))
+        .unwrap();
+        assert!(off.tls.is_some());
+        assert_eq!(off.dtls, None);
         let err = parse(&format!("\ncert = \"/c.pem\"\n{base}")).unwrap_err();
         assert_eq!(err.key(), Some("pkey"));
         assert_eq!(err.line(), Some(2));
@@ -1246,6 +1269,7 @@ bob = "b"
             "cert",
             "pkey",
             "no-tls",
+            "no-dtls",
             "relay-ips",
             "external-ip",
             "min-port",

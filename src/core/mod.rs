@@ -58,6 +58,7 @@ pub enum Transport {
     Udp,
     Tcp,
     Tls,
+    Dtls,
 }
 
 impl Transport {
@@ -66,6 +67,7 @@ impl Transport {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
             Transport::Tls => "tls",
+            Transport::Dtls => "dtls",
         }
     }
 

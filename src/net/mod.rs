@@ -10,6 +10,7 @@
 //! an allocation. Sends are non-blocking too: a UDP send that would block drops the datagram
 //! (as a full network would); a TCP send that would block queues whole frames up to a bound.
 
+pub mod dtls;
 mod stream;
 pub mod tls;
 
@@ -145,6 +146,8 @@ pub struct Driver {
     udp: Vec<(SocketAddr, Rc<UdpSocket>)>,
     /// TCP and TLS connections by (client, local) address.
     streams: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<StreamConn>>>,
+    /// DTLS associations by (client, local) address.
+    dtls: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<dtls::DtlsConn>>>,
     bufs: RefCell<Buffers>,
 }
 
@@ -159,6 +162,11 @@ impl Driver {
             }
             Transport::Tcp | Transport::Tls => {
                 if let Some(c) = self.streams.borrow().get(&(client.remote, client.local)) {
+                    c.send(bytes);
+                }
+            }
+            Transport::Dtls => {
+                if let Some(c) = self.dtls.borrow().get(&(client.remote, client.local)) {
                     c.send(bytes);
                 }
             }
@@ -327,6 +335,10 @@ pub struct Listeners {
     tcp: Vec<std::net::TcpListener>,
     tls: Vec<std::net::TcpListener>,
     certs: Option<Arc<CertStore>>,
+    /// DTLS addresses (checked free at bind time; the DTLS listener binds them when serving)
+    /// and the certificate.
+    dtls: Vec<SocketAddr>,
+    dtls_cert: Option<::dtls::crypto::Certificate>,
 }
 
 /// A socket of `addr`'s family, non-blocking, IPv6 sockets IPv6-only (an IPv4 client on a
@@ -368,6 +380,11 @@ impl Listeners {
                 Some(files) => Some(CertStore::new(files.clone())?),
                 None => None,
             },
+            dtls: Vec::new(),
+            dtls_cert: match &cfg.dtls {
+                Some(files) => Some(dtls::load(files)?),
+                None => None,
+            },
         };
         for ip in &cfg.listening_ips {
             let addr = SocketAddr::new(*ip, cfg.listening_port);
@@ -378,28 +395,18 @@ impl Listeners {
             if !cfg.no_tcp {
                 l.tcp.push(bind_tcp(addr, "tcp")?);
             }
+            let secure = SocketAddr::new(*ip, cfg.tls_listening_port);
             if l.certs.is_some() {
-                l.tls.push(bind_tcp(
-                    SocketAddr::new(*ip, cfg.tls_listening_port),
-                    "tls",
-                )?);
+                l.tls.push(bind_tcp(secure, "tls")?);
+            }
+            if l.dtls_cert.is_some() {
+                // The DTLS listener binds when serving; fail now, naming the address, if it
+                // cannot.
+                bind_udp(secure).map_err(|e| format!("cannot listen on dtls {secure}: {e}"))?;
+                l.dtls.push(secure);
             }
         }
         Ok(l)
-    }
-
-    /// The bound UDP addresses, then the TCP ones.
-    pub fn addrs(&self) -> (Vec<SocketAddr>, Vec<SocketAddr>) {
-        (
-            self.udp
-                .iter()
-                .filter_map(|s| s.local_addr().ok())
-                .collect(),
-            self.tcp
-                .iter()
-                .filter_map(|s| s.local_addr().ok())
-                .collect(),
-        )
     }
 }
 
@@ -434,6 +441,7 @@ pub async fn serve(
         }),
         udp,
         streams: RefCell::new(HashMap::new()),
+        dtls: RefCell::new(HashMap::new()),
         bufs: RefCell::new(Buffers {
             input: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
             reply: vec![0u8; REPLY_BUF].into_boxed_slice(),
@@ -458,6 +466,13 @@ pub async fn serve(
             tasks.spawn_local(stream::accept_tls(driver.clone(), l, acceptor.clone()));
         }
         tasks.spawn_local(watch_certificates(certs.clone()));
+    }
+    if let Some(cert) = listeners.dtls_cert {
+        let config = dtls::server_config(cert);
+        for local in listeners.dtls {
+            info!(listener = %local, transport = "dtls", "listening");
+            tasks.spawn_local(dtls::accept_loop(driver.clone(), local, config.clone()));
+        }
     }
     info!(
         relay_ips = ?cfg.relay_ips,
