@@ -469,38 +469,48 @@ fn openssl_dtls_handshake() {
     let dir = common::TempDir::new("dtls-openssl");
     let certs = common::TestCerts::generate(&dir.0, "dtls");
     let (server, port) = common::start_tls(&certs, "");
-    let mut cmd = Command::new("openssl");
-    cmd.args([
-        "s_client",
-        "-dtls1_2",
-        "-connect",
-        &format!("127.0.0.1:{port}"),
-    ])
-    .arg("-CAfile")
-    .arg(&certs.ca)
-    .stdin(std::process::Stdio::null());
-    let out = run(&mut cmd, RUN_DEADLINE);
-    assert!(out.text.contains("Protocol  : DTLSv1.2"), "{}", out.text);
-    assert!(
-        out.text.contains("Verify return code: 0 (ok)"),
-        "{}",
-        out.text
-    );
+    let handshake = |ca: &std::path::Path| {
+        let mut cmd = Command::new("openssl");
+        cmd.args([
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("-CAfile")
+        .arg(ca)
+        .stdin(std::process::Stdio::null());
+        run(&mut cmd, RUN_DEADLINE).text
+    };
+    let out = handshake(&certs.ca);
+    assert!(out.contains("Protocol  : DTLSv1.2"), "{out}");
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert!(out.contains("CN = turnserver test dtls"), "{out}");
     let cipher = out
-        .text
         .lines()
         .find_map(|l| l.split("Cipher is ").nth(1))
         .unwrap_or("");
     assert!(
         cipher.starts_with("ECDHE-") && (cipher.contains("GCM") || cipher.contains("CHACHA20")),
-        "cipher {cipher:?}\n{}",
-        out.text
+        "cipher {cipher:?}\n{out}"
     );
-    assert!(wait_for_log(
-        &server,
-        "dtls association",
-        Duration::from_secs(5)
-    ));
+    let association = wait_for_log(&server, "dtls association", Duration::from_secs(5));
+    assert!(association);
+
+    // A renewed certificate is used for new DTLS handshakes after SIGHUP.
+    let renewed = common::TestCerts::generate(&dir.0, "renewed");
+    std::fs::copy(&renewed.cert, &certs.cert).unwrap();
+    std::fs::copy(&renewed.key, &certs.key).unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let reloaded = wait_for_log(&server, "tls certificate reloaded", Duration::from_secs(5));
+    assert!(reloaded);
+    let out = handshake(&renewed.ca);
+    assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
+    assert!(out.contains("CN = turnserver test renewed"), "{out}");
 }
 
 /// uclient (without `-c`) allocates in RTP/RTCP pairs: EVEN-PORT with the R bit for the RTP

@@ -248,3 +248,30 @@ fn missing_or_mismatched_certificate_refuses_start() {
         }
     }
 }
+
+/// Operators put `turns:` on 443. Where this test may bind it (root, or the capability) and
+/// the port is free, the server serves TLS there; elsewhere it says why it skipped.
+#[tokio::test]
+async fn tls_on_port_443() {
+    if std::net::TcpListener::bind("127.0.0.1:443").is_err() {
+        eprintln!("skipping: cannot bind 127.0.0.1:443 here (not root, or in use)");
+        return;
+    }
+    let dir = TempDir::new("tls-443");
+    let certs = TestCerts::generate(&dir.0, "443");
+    let server = common::start(&format!(
+        "tls-listening-port = 443\ncert = \"{}\"\npkey = \"{}\"\n",
+        certs.cert.display(),
+        certs.key.display()
+    ));
+    assert!(
+        server
+            .log()
+            .contains("listener=127.0.0.1:443 transport=\"tls\"")
+    );
+    let mut s = connect(443, &certs.ca, &[&rustls::version::TLS13])
+        .await
+        .unwrap();
+    let local = s.get_ref().0.local_addr().unwrap();
+    assert_eq!(binding(&mut s, 1).await, local);
+}

@@ -28,6 +28,7 @@ use webrtc_util::conn::conn_udp_listener::ListenConfig;
 use webrtc_util::conn::{Conn, Listener};
 
 use super::Driver;
+use super::tls::CertStore;
 use crate::config::TlsFiles;
 use crate::core::{ClientId, Transport};
 
@@ -131,8 +132,9 @@ fn handshake_filter(packet: &[u8]) -> Pin<Box<dyn std::future::Future<Output = b
     Box::pin(async move { ok })
 }
 
-/// Accepts DTLS associations on `local` until the task is aborted.
-pub(super) async fn accept_loop(driver: Rc<Driver>, local: SocketAddr, config: DtlsConfig) {
+/// Accepts DTLS associations on `local` until the task is aborted. Each handshake uses the
+/// certificate current in `certs` when it starts.
+pub(super) async fn accept_loop(driver: Rc<Driver>, local: SocketAddr, certs: Arc<CertStore>) {
     let listener = match (ListenConfig {
         accept_filter: Some(Box::new(handshake_filter)),
         ..Default::default()
@@ -155,11 +157,14 @@ pub(super) async fn accept_loop(driver: Rc<Driver>, local: SocketAddr, config: D
                     remote,
                     local,
                 };
+                let Some(config) = certs.dtls_config() else {
+                    return;
+                };
                 tokio::task::spawn_local(association(
                     driver.clone(),
                     conn,
                     client,
-                    config.clone(),
+                    config,
                     idle,
                 ));
             }

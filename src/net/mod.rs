@@ -334,11 +334,10 @@ pub struct Listeners {
     udp: Vec<std::net::UdpSocket>,
     tcp: Vec<std::net::TcpListener>,
     tls: Vec<std::net::TcpListener>,
+    /// The certificate for TLS and DTLS.
     certs: Option<Arc<CertStore>>,
-    /// DTLS addresses (checked free at bind time; the DTLS listener binds them when serving)
-    /// and the certificate.
+    /// DTLS addresses (checked free at bind time; the DTLS listener binds them when serving).
     dtls: Vec<SocketAddr>,
-    dtls_cert: Option<::dtls::crypto::Certificate>,
 }
 
 /// A socket of `addr`'s family, non-blocking, IPv6 sockets IPv6-only (an IPv4 client on a
@@ -376,15 +375,15 @@ impl Listeners {
             udp: Vec::new(),
             tcp: Vec::new(),
             tls: Vec::new(),
-            certs: match &cfg.tls {
-                Some(files) => Some(CertStore::new(files.clone())?),
+            certs: match cfg.tls.as_ref().or(cfg.dtls.as_ref()) {
+                Some(files) => Some(CertStore::new(
+                    files.clone(),
+                    cfg.tls.is_some(),
+                    cfg.dtls.is_some(),
+                )?),
                 None => None,
             },
             dtls: Vec::new(),
-            dtls_cert: match &cfg.dtls {
-                Some(files) => Some(dtls::load(files)?),
-                None => None,
-            },
         };
         for ip in &cfg.listening_ips {
             let addr = SocketAddr::new(*ip, cfg.listening_port);
@@ -396,10 +395,10 @@ impl Listeners {
                 l.tcp.push(bind_tcp(addr, "tcp")?);
             }
             let secure = SocketAddr::new(*ip, cfg.tls_listening_port);
-            if l.certs.is_some() {
+            if cfg.tls.is_some() {
                 l.tls.push(bind_tcp(secure, "tls")?);
             }
-            if l.dtls_cert.is_some() {
+            if cfg.dtls.is_some() {
                 // The DTLS listener binds when serving; fail now, naming the address, if it
                 // cannot.
                 bind_udp(secure).map_err(|e| format!("cannot listen on dtls {secure}: {e}"))?;
@@ -459,20 +458,19 @@ pub async fn serve(
         tasks.spawn_local(stream::accept_tcp(driver.clone(), l));
     }
     if let Some(certs) = &listeners.certs {
-        let acceptor = TlsAcceptor::from(certs.server_config().map_err(io::Error::other)?);
-        for s in listeners.tls {
-            let l = tokio::net::TcpListener::from_std(s)?;
-            info!(listener = %l.local_addr()?, transport = "tls", "listening");
-            tasks.spawn_local(stream::accept_tls(driver.clone(), l, acceptor.clone()));
+        if !listeners.tls.is_empty() {
+            let acceptor = TlsAcceptor::from(certs.server_config().map_err(io::Error::other)?);
+            for s in listeners.tls {
+                let l = tokio::net::TcpListener::from_std(s)?;
+                info!(listener = %l.local_addr()?, transport = "tls", "listening");
+                tasks.spawn_local(stream::accept_tls(driver.clone(), l, acceptor.clone()));
+            }
         }
-        tasks.spawn_local(watch_certificates(certs.clone()));
-    }
-    if let Some(cert) = listeners.dtls_cert {
-        let config = dtls::server_config(cert);
         for local in listeners.dtls {
             info!(listener = %local, transport = "dtls", "listening");
-            tasks.spawn_local(dtls::accept_loop(driver.clone(), local, config.clone()));
+            tasks.spawn_local(dtls::accept_loop(driver.clone(), local, certs.clone()));
         }
+        tasks.spawn_local(watch_certificates(certs.clone()));
     }
     info!(
         relay_ips = ?cfg.relay_ips,

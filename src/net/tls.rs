@@ -1,5 +1,5 @@
-//! TLS for the stream listener ("turns:" URLs): loading the certificate chain and key named by
-//! `cert` and `pkey`, and swapping them for new handshakes when they change.
+//! Certificates for TLS ("turns:" URLs) and DTLS: loading the chain and key named by `cert` and
+//! `pkey`, and swapping them for new handshakes when they change.
 //!
 //! The server configuration uses rustls with the ring provider: TLS 1.3 and 1.2, AEAD cipher
 //! suites only (AES-GCM, ChaCha20-Poly1305), no client certificates. Certificates are resolved
@@ -45,10 +45,13 @@ pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
     Ok(ck)
 }
 
-/// The current certificate, replaced on reload.
+/// The current certificate, for TLS and for DTLS as configured, replaced on reload.
 pub struct CertStore {
     files: TlsFiles,
-    current: RwLock<Arc<CertifiedKey>>,
+    /// The rustls key, when TLS is on.
+    current: RwLock<Option<Arc<CertifiedKey>>>,
+    /// The DTLS certificate, when DTLS is on.
+    dtls: RwLock<Option<::dtls::crypto::Certificate>>,
     /// Modification times of (cert, pkey) when last loaded.
     stamps: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
 }
@@ -66,24 +69,56 @@ fn mtime(p: &Path) -> Option<SystemTime> {
 }
 
 impl CertStore {
-    pub fn new(files: TlsFiles) -> Result<Arc<Self>, String> {
-        let stamps = (mtime(&files.cert), mtime(&files.pkey));
-        let key = load(&files)?;
-        Ok(Arc::new(CertStore {
+    /// Loads the files for TLS (`tls`), DTLS (`dtls`) or both; errors name the file.
+    pub fn new(files: TlsFiles, tls: bool, dtls: bool) -> Result<Arc<Self>, String> {
+        let store = CertStore {
+            stamps: Mutex::new((mtime(&files.cert), mtime(&files.pkey))),
+            current: RwLock::new(None),
+            dtls: RwLock::new(None),
             files,
-            current: RwLock::new(Arc::new(key)),
-            stamps: Mutex::new(stamps),
-        }))
+        };
+        let (key, cert) = store.load_both(tls, dtls)?;
+        *store.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+        *store.dtls.write().unwrap_or_else(|p| p.into_inner()) = cert;
+        Ok(Arc::new(store))
     }
 
-    /// Loads the files again; on failure the current certificate stays and the error is
-    /// returned.
+    #[allow(clippy::type_complexity)]
+    fn load_both(
+        &self,
+        tls: bool,
+        dtls: bool,
+    ) -> Result<(Option<Arc<CertifiedKey>>, Option<::dtls::crypto::Certificate>), String> {
+        let key = if tls {
+            Some(Arc::new(load(&self.files)?))
+        } else {
+            None
+        };
+        let cert = if dtls {
+            Some(super::dtls::load(&self.files)?)
+        } else {
+            None
+        };
+        Ok((key, cert))
+    }
+
+    /// Loads the files again; on failure the current certificates stay and the error is
+    /// returned. Both TLS and DTLS change, or neither.
     pub fn reload(&self) -> Result<(), String> {
         let stamps = (mtime(&self.files.cert), mtime(&self.files.pkey));
-        let key = load(&self.files)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
+        let tls = self.current.read().unwrap_or_else(|p| p.into_inner()).is_some();
+        let dtls = self.dtls.read().unwrap_or_else(|p| p.into_inner()).is_some();
+        let (key, cert) = self.load_both(tls, dtls)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
+        *self.dtls.write().unwrap_or_else(|p| p.into_inner()) = cert;
         *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
         Ok(())
+    }
+
+    /// The DTLS server configuration with the current certificate, if DTLS is on.
+    pub fn dtls_config(&self) -> Option<::dtls::config::Config> {
+        let cert = self.dtls.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some(super::dtls::server_config(cert))
     }
 
     /// Reloads if either file's modification time changed since the last load.
@@ -122,11 +157,9 @@ impl CertStore {
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(
-            self.current
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-        )
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
