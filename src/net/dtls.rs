@@ -160,13 +160,7 @@ pub(super) async fn accept_loop(driver: Rc<Driver>, local: SocketAddr, certs: Ar
                 let Some(config) = certs.dtls_config() else {
                     return;
                 };
-                tokio::task::spawn_local(association(
-                    driver.clone(),
-                    conn,
-                    client,
-                    config,
-                    idle,
-                ));
+                tokio::task::spawn_local(association(driver.clone(), conn, client, config, idle));
             }
             Err(e) => {
                 warn!(%local, error = %e, "dtls listener stopped");

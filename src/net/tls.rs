@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use rustls::crypto::ring;
@@ -45,6 +45,12 @@ pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
     Ok(ck)
 }
 
+/// What one load of the files gives: the rustls key and the DTLS certificate, as configured.
+type Loaded = (
+    Option<Arc<CertifiedKey>>,
+    Option<::dtls::crypto::Certificate>,
+);
+
 /// The current certificate, for TLS and for DTLS as configured, replaced on reload.
 pub struct CertStore {
     files: TlsFiles,
@@ -78,17 +84,15 @@ impl CertStore {
             files,
         };
         let (key, cert) = store.load_both(tls, dtls)?;
-        *store.current.write().unwrap_or_else(|p| p.into_inner()) = key;
-        *store.dtls.write().unwrap_or_else(|p| p.into_inner()) = cert;
+        *store
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = key;
+        *store.dtls.write().unwrap_or_else(PoisonError::into_inner) = cert;
         Ok(Arc::new(store))
     }
 
-    #[allow(clippy::type_complexity)]
-    fn load_both(
-        &self,
-        tls: bool,
-        dtls: bool,
-    ) -> Result<(Option<Arc<CertifiedKey>>, Option<::dtls::crypto::Certificate>), String> {
+    fn load_both(&self, tls: bool, dtls: bool) -> Result<Loaded, String> {
         let key = if tls {
             Some(Arc::new(load(&self.files)?))
         } else {
@@ -106,25 +110,37 @@ impl CertStore {
     /// returned. Both TLS and DTLS change, or neither.
     pub fn reload(&self) -> Result<(), String> {
         let stamps = (mtime(&self.files.cert), mtime(&self.files.pkey));
-        let tls = self.current.read().unwrap_or_else(|p| p.into_inner()).is_some();
-        let dtls = self.dtls.read().unwrap_or_else(|p| p.into_inner()).is_some();
+        let tls = self
+            .current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
+        let dtls = self
+            .dtls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
         let (key, cert) = self.load_both(tls, dtls)?;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = key;
-        *self.dtls.write().unwrap_or_else(|p| p.into_inner()) = cert;
-        *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = key;
+        *self.dtls.write().unwrap_or_else(PoisonError::into_inner) = cert;
+        *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = stamps;
         Ok(())
     }
 
     /// The DTLS server configuration with the current certificate, if DTLS is on.
     pub fn dtls_config(&self) -> Option<::dtls::config::Config> {
-        let cert = self.dtls.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let cert = self
+            .dtls
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
         Some(super::dtls::server_config(cert))
     }
 
     /// Reloads if either file's modification time changed since the last load.
     pub fn reload_if_changed(&self) {
         let now = (mtime(&self.files.cert), mtime(&self.files.pkey));
-        let last = *self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        let last = *self.stamps.lock().unwrap_or_else(PoisonError::into_inner);
         if now != last {
             self.reload_logged("files changed");
         }
@@ -137,7 +153,7 @@ impl CertStore {
             Err(e) => {
                 // Remember the stamps anyway so that a broken file is reported once, not on
                 // every check; fixing the file changes them again.
-                *self.stamps.lock().unwrap_or_else(|p| p.into_inner()) =
+                *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) =
                     (mtime(&self.files.cert), mtime(&self.files.pkey));
                 warn!(error = %e, why, "tls certificate not reloaded; keeping the current one");
             }
