@@ -673,7 +673,9 @@ async fn relay_round_trip(server: &TestServer, tap: Arc<Tap>) {
 
     let (sent, received) = round_trips(&relay, &tap, &peer, 0..N, N).await;
     assert_peer_saw(&peer, relayed, &sent);
-    check_wire(&tap, peer.addr, &sent, &received, N - 5);
+    // The client binds its channel in the background after its first sends; how many go out
+    // as Send indications first depends on its timing (under load, ten or more).
+    check_wire(&tap, peer.addr, &sent, &received, N / 5);
     assert!(tap.errors().is_empty(), "tap: {:?}", tap.errors());
     assert_no_refusal(server);
     assert!(log_lines(server, &["allocation deleted"]).is_empty());

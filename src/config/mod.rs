@@ -102,6 +102,21 @@ pub struct Config {
     pub stale_nonce: u32,
     /// Allow peers on loopback addresses (`allow-loopback-peers`).
     pub allow_loopback_peers: bool,
+    /// Peer address prefixes allowed although a default refusal covers them
+    /// (`allowed-peer-ips`), as (network address, prefix length).
+    pub allowed_peer_ips: Vec<(IpAddr, u8)>,
+    /// Peer address prefixes refused whatever else says (`denied-peer-ips`).
+    pub denied_peer_ips: Vec<(IpAddr, u8)>,
+    /// Allocations one user may hold at once (`user-quota`); 0 means no limit.
+    pub user_quota: u32,
+    /// Allocations the server holds at once (`total-quota`); 0 means no limit but the port range.
+    pub total_quota: u32,
+    /// Allocations one client IP address may hold at once (`ip-quota`); 0 means no limit.
+    pub ip_quota: u32,
+    /// Permissions per allocation (`max-permissions`).
+    pub max_permissions: u32,
+    /// Channel bindings per allocation (`max-channels`).
+    pub max_channels: u32,
     /// SOFTWARE attribute value (`software`); empty means no SOFTWARE attribute.
     pub software: String,
     /// One of "error", "warn", "info", "debug", "trace" (`log-level`).
@@ -124,6 +139,11 @@ const DEFAULT_MAX_ALLOCATE_LIFETIME: u32 = 3600;
 const DEFAULT_ALLOCATE_LIFETIME: u32 = 600;
 /// Default `stale-nonce`, in seconds.
 const DEFAULT_STALE_NONCE: u32 = 600;
+/// Default `max-permissions`: far above what a WebRTC session installs (one per remote
+/// candidate address), low enough to bound an allocation's tables.
+const DEFAULT_MAX_PERMISSIONS: u32 = 64;
+/// Default `max-channels`.
+const DEFAULT_MAX_CHANNELS: u32 = 64;
 /// Default `log-level`.
 const DEFAULT_LOG_LEVEL: &str = "info";
 /// The values `log-level` accepts.
@@ -362,6 +382,13 @@ struct RawConfig {
     default_allocate_lifetime: Option<Spanned<u32>>,
     stale_nonce: Option<Spanned<u32>>,
     allow_loopback_peers: Option<Spanned<bool>>,
+    allowed_peer_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    denied_peer_ips: Option<Spanned<Vec<Spanned<String>>>>,
+    user_quota: Option<Spanned<u32>>,
+    total_quota: Option<Spanned<u32>>,
+    ip_quota: Option<Spanned<u32>>,
+    max_permissions: Option<Spanned<u32>>,
+    max_channels: Option<Spanned<u32>>,
     software: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
 }
@@ -399,6 +426,38 @@ impl Checker<'_> {
             ));
         }
         Ok(ip)
+    }
+
+    /// Parses an array of address prefixes ("10.0.0.0/8", "2001:db8::/32", or one address).
+    fn cidr_list(
+        &self,
+        key: &str,
+        values: &[Spanned<String>],
+    ) -> Result<Vec<(IpAddr, u8)>, ConfigError> {
+        let mut out = Vec::with_capacity(values.len());
+        for value in values {
+            let text = value.get_ref();
+            let bad =
+                |why: &str| self.error(key, Some(value.span()), format!("{key}: {text:?} {why}"));
+            let (addr, len) = match text.split_once('/') {
+                Some((a, l)) => (a, Some(l)),
+                None => (text.as_str(), None),
+            };
+            let ip: IpAddr = addr
+                .parse()
+                .map_err(|_| bad("is not an address or an address/prefix-length"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = match len {
+                None => max,
+                Some(l) => l
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|l| *l <= max)
+                    .ok_or_else(|| bad("has a prefix length out of range"))?,
+            };
+            out.push((ip, len));
+        }
+        Ok(out)
     }
 
     /// Parses an array of addresses, refusing duplicates.
@@ -705,6 +764,31 @@ impl RawConfig {
         }
 
         let allow_loopback_peers = value_or(&self.allow_loopback_peers, false);
+        let allowed_peer_ips = match &self.allowed_peer_ips {
+            Some(list) => check.cidr_list("allowed-peer-ips", list.get_ref())?,
+            None => Vec::new(),
+        };
+        let denied_peer_ips = match &self.denied_peer_ips {
+            Some(list) => check.cidr_list("denied-peer-ips", list.get_ref())?,
+            None => Vec::new(),
+        };
+        let user_quota = value_or(&self.user_quota, 0);
+        let total_quota = value_or(&self.total_quota, 0);
+        let ip_quota = value_or(&self.ip_quota, 0);
+        let max_permissions = value_or(&self.max_permissions, DEFAULT_MAX_PERMISSIONS);
+        let max_channels = value_or(&self.max_channels, DEFAULT_MAX_CHANNELS);
+        for (key, field, value) in [
+            ("max-permissions", &self.max_permissions, max_permissions),
+            ("max-channels", &self.max_channels, max_channels),
+        ] {
+            if !(1..=4096).contains(&value) {
+                return Err(check.error(
+                    key,
+                    span_of(field),
+                    format!("{key} {value} is out of range (1 to 4096)"),
+                ));
+            }
+        }
 
         let software = value_or(&self.software, default_software());
         if software.len() > MAX_TEXT_BYTES {
@@ -750,6 +834,13 @@ impl RawConfig {
             default_allocate_lifetime,
             stale_nonce,
             allow_loopback_peers,
+            allowed_peer_ips,
+            denied_peer_ips,
+            user_quota,
+            total_quota,
+            ip_quota,
+            max_permissions,
+            max_channels,
             software,
             log_level,
         })
@@ -1259,6 +1350,42 @@ bob = "b"
     }
 
     #[test]
+    fn peer_lists_and_quotas() {
+        let base = "listening-ips = [\"127.0.0.1\"]\n[users]\na = \"b\"\n";
+        let c = parse(base).unwrap();
+        assert_eq!((c.user_quota, c.total_quota, c.ip_quota), (0, 0, 0));
+        assert_eq!((c.max_permissions, c.max_channels), (64, 64));
+        assert!(c.allowed_peer_ips.is_empty() && c.denied_peer_ips.is_empty());
+        let c = parse(&format!(
+            "allowed-peer-ips = [\"10.1.0.0/16\", \"192.168.1.7\", \"fd00::/8\"]\n\
+             denied-peer-ips = [\"10.1.2.0/24\"]\nuser-quota = 2\ntotal-quota = 100\n\
+             ip-quota = 5\nmax-permissions = 10\nmax-channels = 8\n{base}"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.allowed_peer_ips,
+            vec![
+                ("10.1.0.0".parse().unwrap(), 16),
+                ("192.168.1.7".parse().unwrap(), 32),
+                ("fd00::".parse().unwrap(), 8)
+            ]
+        );
+        assert_eq!(c.denied_peer_ips, vec![("10.1.2.0".parse().unwrap(), 24)]);
+        assert_eq!((c.user_quota, c.total_quota, c.ip_quota), (2, 100, 5));
+        assert_eq!((c.max_permissions, c.max_channels), (10, 8));
+        for (text, key) in [
+            ("allowed-peer-ips = [\"10.0.0.0/33\"]", "allowed-peer-ips"),
+            ("denied-peer-ips = [\"nope\"]", "denied-peer-ips"),
+            ("max-channels = 0", "max-channels"),
+            ("max-permissions = 5000", "max-permissions"),
+        ] {
+            let err = parse(&format!("\n{text}\n{base}")).unwrap_err();
+            assert_eq!(err.key(), Some(key), "{text}");
+            assert_eq!(err.line(), Some(2), "{text}");
+        }
+    }
+
+    #[test]
     fn example_file_documents_every_key() {
         for key in [
             "listening-ips",
@@ -1283,6 +1410,13 @@ bob = "b"
             "default-allocate-lifetime",
             "stale-nonce",
             "allow-loopback-peers",
+            "allowed-peer-ips",
+            "denied-peer-ips",
+            "user-quota",
+            "total-quota",
+            "ip-quota",
+            "max-permissions",
+            "max-channels",
             "software",
             "log-level",
         ] {

@@ -36,7 +36,7 @@ use crate::wire::{
     TransactionId, pad4,
 };
 
-pub use policy::PeerPolicy;
+pub use policy::{Cidr, PeerPolicy};
 pub use ports::PortPool;
 pub use stats::{COUNTED_ERRORS, COUNTED_METHODS, Drop, EndReason, Stats};
 
@@ -155,6 +155,12 @@ pub struct ServerConfig {
     pub user_quota: u32,
     /// Allocations in total; 0 means no limit beyond the port range.
     pub total_quota: u32,
+    /// Allocations per client IP address; 0 means no limit.
+    pub ip_quota: u32,
+    /// Peer prefixes allowed although a default refusal covers them.
+    pub allowed_peers: Vec<policy::Cidr>,
+    /// Peer prefixes always refused.
+    pub denied_peers: Vec<policy::Cidr>,
     /// Permissions per allocation.
     pub max_permissions: usize,
     /// Channels per allocation.
@@ -178,6 +184,9 @@ impl ServerConfig {
             allow_loopback_peers: false,
             user_quota: 0,
             total_quota: 0,
+            ip_quota: 0,
+            allowed_peers: Vec::new(),
+            denied_peers: Vec::new(),
             max_permissions: 64,
             max_channels: 64,
         }
@@ -353,6 +362,7 @@ pub struct Server {
     ports: PortPool,
     reservations: Vec<Reservation>,
     per_user: HashMap<Box<str>, u32>,
+    per_ip: HashMap<IpAddr, u32>,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     live: usize,
     stats: Stats,
@@ -370,6 +380,8 @@ impl Server {
         let policy = PeerPolicy {
             allow_loopback: cfg.allow_loopback_peers,
             own,
+            allowed: cfg.allowed_peers.clone(),
+            denied: cfg.denied_peers.clone(),
         };
         let span = cfg.max_port as usize - cfg.min_port as usize + 1;
         Server {
@@ -385,6 +397,7 @@ impl Server {
             ports,
             reservations: Vec::new(),
             per_user: HashMap::new(),
+            per_ip: HashMap::new(),
             timers: BinaryHeap::new(),
             live: 0,
             stats: Stats::default(),
@@ -930,6 +943,14 @@ impl Server {
         {
             return Err((ErrorCode::ALLOCATION_QUOTA_REACHED, "user quota reached"));
         }
+        if self.cfg.ip_quota > 0
+            && self.per_ip.get(&client.remote.ip()).copied().unwrap_or(0) >= self.cfg.ip_quota
+        {
+            return Err((
+                ErrorCode::ALLOCATION_QUOTA_REACHED,
+                "client address quota reached",
+            ));
+        }
 
         let (relay, reservation) = if let Some(t) = token {
             let Some(i) = self
@@ -1046,6 +1067,7 @@ impl Server {
         let port_idx = (a.relay.port() - self.cfg.min_port) as usize;
         let client = a.client;
         *self.per_user.entry(a.username.clone()).or_insert(0) += 1;
+        *self.per_ip.entry(a.client.remote.ip()).or_insert(0) += 1;
         let slot = match self.free_slots.pop() {
             Some(s) => {
                 self.allocs[s as usize] = Some(a);
@@ -1077,6 +1099,13 @@ impl Server {
             *n -= 1;
             if *n == 0 {
                 self.per_user.remove(&a.username);
+            }
+        }
+        let ip = a.client.remote.ip();
+        if let Some(n) = self.per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_ip.remove(&ip);
             }
         }
         self.live -= 1;

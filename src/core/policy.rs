@@ -5,7 +5,8 @@
 //! so that the relay cannot be used to reach the network it sits in. IPv4-mapped and
 //! IPv4-compatible IPv6 addresses are judged as the IPv4 address they carry. The server's own
 //! relay (and advertised) addresses are always allowed so that two clients of the same server
-//! can relay to each other. `allow-loopback-peers` lifts the loopback refusal only.
+//! can relay to each other. `allow-loopback-peers` lifts the loopback refusal; the operator's
+//! `allowed-peer-ips` lift any default refusal, and `denied-peer-ips` refuse whatever else says.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -22,6 +23,12 @@ impl Cidr {
             addr: IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3])),
             len,
         }
+    }
+
+    /// A prefix from an address and a length; `None` if the length exceeds the family's.
+    pub fn new(addr: IpAddr, len: u8) -> Option<Self> {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (len <= max).then_some(Cidr { addr, len })
     }
 
     pub const fn v6(segs: [u16; 8], len: u8) -> Self {
@@ -113,6 +120,10 @@ pub struct PeerPolicy {
     pub allow_loopback: bool,
     /// The server's own relay addresses and the public addresses they are advertised as.
     pub own: Vec<IpAddr>,
+    /// Allowed although a default refusal covers them (`allowed-peer-ips`).
+    pub allowed: Vec<Cidr>,
+    /// Refused whatever else says (`denied-peer-ips`).
+    pub denied: Vec<Cidr>,
 }
 
 /// Why a peer address was refused.
@@ -120,6 +131,7 @@ pub struct PeerPolicy {
 pub enum Refusal {
     Loopback,
     SpecialPurpose,
+    Denied,
 }
 
 impl Refusal {
@@ -127,14 +139,25 @@ impl Refusal {
         match self {
             Refusal::Loopback => "loopback peer (allow-loopback-peers is off)",
             Refusal::SpecialPurpose => "peer in a private or special-purpose range",
+            Refusal::Denied => "peer in denied-peer-ips",
         }
     }
 }
 
 impl PeerPolicy {
     pub fn check(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let raw = ip;
         let ip = canonical(ip);
         if self.own.iter().any(|o| canonical(*o) == ip) {
+            return Ok(());
+        }
+        // The operator's lists are matched against the canonical form, and in the form given,
+        // so that an IPv6 list entry for ::ffff:0:0/96 still means something.
+        let listed = |list: &[Cidr]| list.iter().any(|c| c.contains(ip) || c.contains(raw));
+        if listed(&self.denied) {
+            return Err(Refusal::Denied);
+        }
+        if listed(&self.allowed) {
             return Ok(());
         }
         if LOOPBACK.iter().any(|c| c.contains(ip)) {
@@ -208,6 +231,27 @@ mod tests {
         p.own.push(ip("10.0.0.1"));
         assert_eq!(p.check(ip("10.0.0.1")), Ok(()));
         assert!(p.is_own(ip("::ffff:10.0.0.1")));
+    }
+
+    #[test]
+    fn operator_lists_allow_and_deny() {
+        let mut p = PeerPolicy::default();
+        let cidr = |s: &str, l| Cidr::new(ip(s), l).unwrap();
+        p.allowed = vec![cidr("10.1.0.0", 16), cidr("fd00::", 8)];
+        p.denied = vec![cidr("10.1.2.0", 24), cidr("8.8.8.8", 32)];
+        assert_eq!(p.check(ip("10.1.9.9")), Ok(()));
+        assert_eq!(p.check(ip("::ffff:10.1.9.9")), Ok(()));
+        assert_eq!(p.check(ip("fd00::1")), Ok(()));
+        assert_eq!(p.check(ip("10.2.0.1")), Err(Refusal::SpecialPurpose));
+        // Deny wins over allow, and over the public default.
+        assert_eq!(p.check(ip("10.1.2.3")), Err(Refusal::Denied));
+        assert_eq!(p.check(ip("::ffff:10.1.2.3")), Err(Refusal::Denied));
+        assert_eq!(p.check(ip("8.8.8.8")), Err(Refusal::Denied));
+        assert_eq!(p.check(ip("8.8.4.4")), Ok(()));
+        // Own addresses stay allowed.
+        p.own.push(ip("10.1.2.1"));
+        assert_eq!(p.check(ip("10.1.2.1")), Ok(()));
+        assert_eq!(Cidr::new(ip("10.0.0.0"), 33), None);
     }
 
     #[test]

@@ -1219,3 +1219,55 @@ fn data_indication_transaction_ids_are_not_sequential() {
         }
     }
 }
+
+#[test]
+fn ip_quota_gives_486_per_client_address() {
+    let mut c = cfg();
+    c.ip_quota = 2;
+    let mut h = H::with(c);
+    h.allocate_ok(client(1));
+    h.allocate_ok(client(2));
+    assert_eq!(h.allocate(client(3)).code(), Some(486));
+    let elsewhere = ClientId {
+        remote: "198.51.100.2:3".parse().unwrap(),
+        ..client(3)
+    };
+    h.allocate_ok(elsewhere);
+    h.refresh(client(1), Some(0));
+    h.allocate_ok(client(3));
+}
+
+#[test]
+fn operator_peer_lists_apply_to_permissions_and_channels() {
+    let mut c = cfg();
+    c.allowed_peers = vec![Cidr::new("10.9.0.0".parse().unwrap(), 16).unwrap()];
+    c.denied_peers = vec![Cidr::new("8.8.8.8".parse().unwrap(), 32).unwrap()];
+    let mut h = H::with(c);
+    h.allocate_ok(client(1));
+    assert_eq!(
+        h.permit(client(1), "10.9.1.1:5".parse().unwrap()).class(),
+        Class::Success
+    );
+    assert_eq!(
+        h.bind(client(1), 0x4000, "10.9.1.2:5".parse().unwrap())
+            .class(),
+        Class::Success
+    );
+    assert_eq!(
+        h.permit(client(1), "10.8.1.1:5".parse().unwrap()).code(),
+        Some(403)
+    );
+    assert_eq!(
+        h.permit(client(1), "8.8.8.8:5".parse().unwrap()).code(),
+        Some(403)
+    );
+    assert_eq!(
+        h.bind(client(1), 0x4001, "8.8.8.8:5".parse().unwrap())
+            .code(),
+        Some(403)
+    );
+    assert_eq!(
+        h.permit(client(1), "8.8.4.4:5".parse().unwrap()).class(),
+        Class::Success
+    );
+}

@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 use crate::auth::Users;
 use crate::config::{Config, UserKey};
 use crate::core::{
-    ClientAction, ClientId, PeerAction, RelaySockets, Server, ServerConfig, Transport,
+    Cidr, ClientAction, ClientId, PeerAction, RelaySockets, Server, ServerConfig, Transport,
 };
 use crate::wire::{HEADROOM, TAILROOM};
 
@@ -81,6 +81,17 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
     sc.max_lifetime = cfg.max_allocate_lifetime;
     sc.stale_nonce = cfg.stale_nonce;
     sc.allow_loopback_peers = cfg.allow_loopback_peers;
+    let cidrs = |list: &[(std::net::IpAddr, u8)]| -> Vec<Cidr> {
+        // The configuration checked the prefix lengths.
+        list.iter().filter_map(|(a, l)| Cidr::new(*a, *l)).collect()
+    };
+    sc.allowed_peers = cidrs(&cfg.allowed_peer_ips);
+    sc.denied_peers = cidrs(&cfg.denied_peer_ips);
+    sc.user_quota = cfg.user_quota;
+    sc.total_quota = cfg.total_quota;
+    sc.ip_quota = cfg.ip_quota;
+    sc.max_permissions = cfg.max_permissions as usize;
+    sc.max_channels = cfg.max_channels as usize;
     sc
 }
 
