@@ -117,6 +117,11 @@ pub struct Config {
     pub max_permissions: u32,
     /// Channel bindings per allocation (`max-channels`).
     pub max_channels: u32,
+    /// Open TCP and TLS connections at once (`max-connections`).
+    pub max_connections: u32,
+    /// Seconds a TCP or TLS connection without an allocation may stay silent
+    /// (`idle-connection-timeout`).
+    pub idle_connection_timeout: u32,
     /// SOFTWARE attribute value (`software`); empty means no SOFTWARE attribute.
     pub software: String,
     /// One of "error", "warn", "info", "debug", "trace" (`log-level`).
@@ -144,6 +149,9 @@ const DEFAULT_STALE_NONCE: u32 = 600;
 const DEFAULT_MAX_PERMISSIONS: u32 = 64;
 /// Default `max-channels`.
 const DEFAULT_MAX_CHANNELS: u32 = 64;
+/// Default `max-connections`: as many as relay ports in the default range, which the unit
+/// file's descriptor limit covers twice over.
+const DEFAULT_MAX_CONNECTIONS: u32 = 16384;
 /// Default `log-level`.
 const DEFAULT_LOG_LEVEL: &str = "info";
 /// The values `log-level` accepts.
@@ -389,6 +397,8 @@ struct RawConfig {
     ip_quota: Option<Spanned<u32>>,
     max_permissions: Option<Spanned<u32>>,
     max_channels: Option<Spanned<u32>>,
+    max_connections: Option<Spanned<u32>>,
+    idle_connection_timeout: Option<Spanned<u32>>,
     software: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
 }
@@ -777,6 +787,24 @@ impl RawConfig {
         let ip_quota = value_or(&self.ip_quota, 0);
         let max_permissions = value_or(&self.max_permissions, DEFAULT_MAX_PERMISSIONS);
         let max_channels = value_or(&self.max_channels, DEFAULT_MAX_CHANNELS);
+        let max_connections = value_or(&self.max_connections, DEFAULT_MAX_CONNECTIONS);
+        let idle_connection_timeout = value_or(&self.idle_connection_timeout, 30);
+        if idle_connection_timeout == 0 {
+            return Err(check.error(
+                "idle-connection-timeout",
+                span_of(&self.idle_connection_timeout),
+                "idle-connection-timeout is 0; give the seconds a connection may wait".into(),
+            ));
+        }
+        if max_connections == 0 {
+            return Err(check.error(
+                "max-connections",
+                span_of(&self.max_connections),
+                "max-connections is 0; TCP and TLS clients could not connect (turn the \
+                 listeners off with no-tcp / no-tls instead)"
+                    .into(),
+            ));
+        }
         for (key, field, value) in [
             ("max-permissions", &self.max_permissions, max_permissions),
             ("max-channels", &self.max_channels, max_channels),
@@ -841,6 +869,8 @@ impl RawConfig {
             ip_quota,
             max_permissions,
             max_channels,
+            max_connections,
+            idle_connection_timeout,
             software,
             log_level,
         })
@@ -1417,6 +1447,8 @@ bob = "b"
             "ip-quota",
             "max-permissions",
             "max-channels",
+            "max-connections",
+            "idle-connection-timeout",
             "software",
             "log-level",
         ] {

@@ -428,6 +428,11 @@ impl Server {
         self.ports.capacity()
     }
 
+    /// Whether `client` holds a live allocation.
+    pub fn has_allocation(&self, client: &ClientId) -> bool {
+        self.by_client.contains_key(client)
+    }
+
     /// Permissions and channels of the allocation of `client`, for tests and introspection.
     pub fn allocation_info(&self, client: &ClientId) -> Option<(SocketAddr, usize, usize)> {
         let a = self.alloc(*self.by_client.get(client)?)?;

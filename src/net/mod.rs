@@ -14,7 +14,7 @@ pub mod dtls;
 mod stream;
 pub mod tls;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -159,6 +159,15 @@ pub struct Driver {
     streams: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<StreamConn>>>,
     /// DTLS associations by (client, local) address.
     dtls: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<dtls::DtlsConn>>>,
+    /// Open TCP and TLS connections (handshakes included), and the most allowed.
+    connections: Cell<usize>,
+    max_connections: usize,
+    /// Connections closed at accept because `max-connections` was reached.
+    refused_connections: Cell<u64>,
+    /// How long a stream connection whose client holds an allocation may stay silent.
+    idle_with_allocation: Duration,
+    /// How long one whose client holds none may.
+    idle_without_allocation: Duration,
     bufs: RefCell<Buffers>,
 }
 
@@ -452,6 +461,11 @@ pub async fn serve(
         udp,
         streams: RefCell::new(HashMap::new()),
         dtls: RefCell::new(HashMap::new()),
+        connections: Cell::new(0),
+        max_connections: cfg.max_connections as usize,
+        refused_connections: Cell::new(0),
+        idle_with_allocation: Duration::from_secs(u64::from(cfg.max_allocate_lifetime) + 60),
+        idle_without_allocation: Duration::from_secs(u64::from(cfg.idle_connection_timeout)),
         bufs: RefCell::new(Buffers {
             input: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
             reply: vec![0u8; REPLY_BUF].into_boxed_slice(),

@@ -93,7 +93,7 @@ impl StreamConn {
 
 /// Accepts plain TCP connections.
 pub(super) async fn accept_tcp(driver: Rc<Driver>, listener: TcpListener) {
-    accept_loop(listener, |stream, remote, local| {
+    accept_loop(driver.clone(), listener, |stream, remote, local, slot| {
         let (rd, wr) = stream.into_split();
         let conn = Rc::new(StreamConn::new(Some(wr)));
         let client = ClientId {
@@ -101,17 +101,22 @@ pub(super) async fn accept_tcp(driver: Rc<Driver>, listener: TcpListener) {
             remote,
             local,
         };
-        tokio::task::spawn_local(serve_connection(driver.clone(), conn, client, rd, None));
+        let driver = driver.clone();
+        tokio::task::spawn_local(async move {
+            serve_connection(driver, conn, client, rd, None).await;
+            drop(slot);
+        });
     })
     .await
 }
 
 /// Accepts TLS connections: each handshake runs in the connection's own task, bounded in time.
 pub(super) async fn accept_tls(driver: Rc<Driver>, listener: TcpListener, acceptor: TlsAcceptor) {
-    accept_loop(listener, |stream, remote, local| {
+    accept_loop(driver.clone(), listener, |stream, remote, local, slot| {
         let driver = driver.clone();
         let acceptor = acceptor.clone();
         tokio::task::spawn_local(async move {
+            let _slot = slot;
             let client = ClientId {
                 transport: Transport::Tls,
                 remote,
@@ -136,9 +141,23 @@ pub(super) async fn accept_tls(driver: Rc<Driver>, listener: TcpListener, accept
     .await
 }
 
+/// One open connection, counted against `max-connections` until dropped.
+pub(super) struct ConnSlot(Rc<Driver>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .set(self.0.connections.get().saturating_sub(1));
+    }
+}
+
+/// Accepts connections while fewer than `max-connections` are open; beyond it a new
+/// connection is closed at once (and counted).
 async fn accept_loop(
+    driver: Rc<Driver>,
     listener: TcpListener,
-    mut on_accept: impl FnMut(TcpStream, SocketAddr, SocketAddr),
+    mut on_accept: impl FnMut(TcpStream, SocketAddr, SocketAddr, ConnSlot),
 ) {
     let local = match listener.local_addr() {
         Ok(a) => a,
@@ -150,8 +169,16 @@ async fn accept_loop(
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
+                if driver.connections.get() >= driver.max_connections {
+                    driver
+                        .refused_connections
+                        .set(driver.refused_connections.get() + 1);
+                    debug!(%local, %remote, "connection refused: max-connections reached");
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
-                on_accept(stream, remote, local);
+                driver.connections.set(driver.connections.get() + 1);
+                on_accept(stream, remote, local, ConnSlot(driver.clone()));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly rather than spin.
@@ -310,10 +337,18 @@ async fn read_frames(
         if conn.closed.get() {
             return "write failed";
         }
-        match reader.read(&mut buf[filled..]).await {
-            Ok(0) => return "closed by client",
-            Ok(n) => filled += n,
-            Err(_) => return "read failed",
+        // A connection with an allocation hears from its client at least once per lifetime
+        // (Refresh); one without may idle only briefly.
+        let idle = if driver.server.borrow().has_allocation(&client) {
+            driver.idle_with_allocation
+        } else {
+            driver.idle_without_allocation
+        };
+        match tokio::time::timeout(idle, reader.read(&mut buf[filled..])).await {
+            Ok(Ok(0)) => return "closed by client",
+            Ok(Ok(n)) => filled += n,
+            Ok(Err(_)) => return "read failed",
+            Err(_) => return "idle",
         }
     }
 }

@@ -1,0 +1,224 @@
+//! Limits over real sockets: the cap on TCP connections, idle connections closed, quotas
+//! answered with 486, operator peer lists answered with 403.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use turnserver::auth::long_term_key;
+use turnserver::wire::{
+    AttrType, Class, MessageRef, MessageWriter, Method, PROTO_UDP, TransactionId,
+};
+
+fn binding_request(id: u8) -> Vec<u8> {
+    let mut buf = vec![0u8; 64];
+    let n = MessageWriter::new(
+        &mut buf,
+        Method::BINDING,
+        Class::Request,
+        &TransactionId([id; 12]),
+    )
+    .finish()
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+/// Waits (boundedly) for the server to log `needle`.
+fn logged(server: &common::TestServer, needle: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if server.log().contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Reads until the server closes the connection (read returns 0 or fails) or `within` passes.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 512];
+    let start = Instant::now();
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+        if start.elapsed() > within {
+            return false;
+        }
+    }
+}
+
+fn answers_binding(s: &mut TcpStream, id: u8) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    if s.write_all(&binding_request(id)).is_err() {
+        return false;
+    }
+    let mut b = [0u8; 512];
+    match s.read(&mut b) {
+        Ok(n) if n >= 20 => {
+            MessageRef::parse(&b[..n]).is_ok_and(|m| m.transaction_id().0 == [id; 12])
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn connections_beyond_max_connections_are_closed() {
+    let server = common::start("max-connections = 3");
+    let mut open: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(server.addr()).unwrap())
+        .collect();
+    for (i, s) in open.iter_mut().enumerate() {
+        assert!(answers_binding(s, i as u8), "connection {i} is served");
+    }
+    let mut extra = TcpStream::connect(server.addr()).unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(3)),
+        "the fourth is closed"
+    );
+    // Once one goes, a new connection is served again.
+    drop(open.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut again = TcpStream::connect(server.addr()).unwrap();
+        if answers_binding(&mut again, 9) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // UDP is not affected by the stream cap.
+    let u = UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    u.send_to(&binding_request(7), server.addr()).unwrap();
+    let mut b = [0u8; 512];
+    assert!(u.recv(&mut b).is_ok());
+}
+
+#[test]
+fn idle_connections_without_allocation_are_closed() {
+    let server = common::start("idle-connection-timeout = 1");
+    let mut silent = TcpStream::connect(server.addr()).unwrap();
+    // A connection that sent half a frame and stalled is idle too.
+    let mut stalled = TcpStream::connect(server.addr()).unwrap();
+    stalled.write_all(&[0x00, 0x01, 0x00, 0x10, 0x21]).unwrap();
+    let started = Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_secs(4)));
+    assert!(closed_within(&mut stalled, Duration::from_secs(4)));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert!(logged(&server, "reason=\"idle\""), "{}", server.log());
+}
+
+/// Builds Allocate requests for one user from one socket: the first draws a 401 with a nonce,
+/// the rest are signed with it.
+struct Client {
+    sock: UdpSocket,
+    nonce: Vec<u8>,
+    n: u8,
+}
+
+impl Client {
+    fn new() -> Client {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        Client {
+            sock,
+            nonce: Vec::new(),
+            n: 0,
+        }
+    }
+
+    fn request(
+        &mut self,
+        server: &common::TestServer,
+        method: Method,
+        add: impl Fn(&mut MessageWriter),
+    ) -> Option<u16> {
+        for _ in 0..2 {
+            self.n += 1;
+            let mut buf = vec![0u8; 512];
+            let mut w = MessageWriter::new(
+                &mut buf,
+                method,
+                Class::Request,
+                &TransactionId([self.n; 12]),
+            );
+            add(&mut w);
+            if !self.nonce.is_empty() {
+                w.add(AttrType::USERNAME, common::USER.as_bytes())
+                    .add(AttrType::REALM, common::REALM.as_bytes())
+                    .add(AttrType::NONCE, &self.nonce)
+                    .add_integrity(&long_term_key(
+                        common::USER,
+                        common::REALM,
+                        common::PASSWORD,
+                    ));
+            }
+            let n = w.finish().unwrap();
+            self.sock.send_to(&buf[..n], server.addr()).unwrap();
+            let mut r = [0u8; 1500];
+            let len = self.sock.recv(&mut r).expect("answer");
+            let m = MessageRef::parse(&r[..len]).unwrap();
+            let code = m.error_code().unwrap().map(|(c, _)| c);
+            if let Ok(Some(nonce)) = m.nonce() {
+                self.nonce = nonce.to_vec();
+            }
+            if code != Some(401) || self.nonce.is_empty() {
+                return code;
+            }
+        }
+        Some(401)
+    }
+
+    fn allocate(&mut self, server: &common::TestServer) -> Option<u16> {
+        self.request(server, Method::ALLOCATE, |w| {
+            w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+        })
+    }
+}
+
+#[test]
+fn quotas_answer_486() {
+    let server = common::start("user-quota = 2");
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::new()).collect();
+    assert_eq!(clients[0].allocate(&server), None);
+    assert_eq!(clients[1].allocate(&server), None);
+    assert_eq!(clients[2].allocate(&server), Some(486));
+    assert!(logged(&server, "user quota reached"));
+}
+
+#[test]
+fn operator_peer_lists_answer_403() {
+    let server = common::start_with(&format!(
+        "denied-peer-ips = [\"8.8.8.0/24\"]\nallowed-peer-ips = [\"10.77.0.0/16\"]\n[users]\n{} = \"{}\"\n",
+        common::USER,
+        common::PASSWORD
+    ));
+    let mut c = Client::new();
+    assert_eq!(c.allocate(&server), None);
+    let permit = |c: &mut Client, peer: &str| {
+        let peer = peer.parse().unwrap();
+        c.request(&server, Method::CREATE_PERMISSION, move |w| {
+            w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
+        })
+    };
+    assert_eq!(permit(&mut c, "10.77.3.4:1000"), None);
+    assert_eq!(permit(&mut c, "10.78.3.4:1000"), Some(403));
+    assert_eq!(permit(&mut c, "8.8.8.8:53"), Some(403));
+    // Loopback (allow-loopback-peers is off); 127.0.0.1 itself is the relay address, which is
+    // allowed on relay ports only.
+    assert_eq!(permit(&mut c, "127.0.0.2:5000"), Some(403));
+    assert_eq!(permit(&mut c, "[::ffff:127.0.0.2]:5000"), Some(443));
+    assert_eq!(permit(&mut c, "1.1.1.1:53"), None);
+}
