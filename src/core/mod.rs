@@ -14,6 +14,7 @@
 //! The relay path (ChannelData and Send from a client, datagrams from peers) allocates nothing:
 //! it borrows the input, looks the allocation up once, and returns byte ranges.
 
+mod limits;
 pub mod policy;
 mod ports;
 mod stats;
@@ -51,6 +52,15 @@ pub const CHANNEL_COOLDOWN: Duration = Duration::from_secs(300);
 pub const RESERVATION_LIFETIME: Duration = Duration::from_secs(30);
 /// How many ports an Allocate tries to bind before answering 508.
 const BIND_ATTEMPTS: usize = 16;
+/// Buckets of the challenge and password-guess limiters.
+const CHALLENGE_BUCKETS: usize = 4096;
+/// 401 and 438 answers per source address: a client needs one or two per allocation; beyond
+/// this rate they are dropped, so a forged source address draws at most this much traffic.
+const CHALLENGES_PER_SECOND: f32 = 20.0;
+const CHALLENGE_BURST: f32 = 100.0;
+/// Password checks per user and source address once the burst is spent: one every 6 s.
+const GUESSES_PER_SECOND: f32 = 1.0 / 6.0;
+const GUESS_BURST: f32 = 20.0;
 
 /// The client transport of a 5-tuple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -363,6 +373,11 @@ pub struct Server {
     reservations: Vec<Reservation>,
     per_user: HashMap<Box<str>, u32>,
     per_ip: HashMap<IpAddr, u32>,
+    /// 401/438 challenges per source address (against reflection and amplification).
+    challenges: limits::RateLimiter,
+    /// Password attempts per (user, source address).
+    guesses: limits::RateLimiter,
+    failures: limits::FailureLog,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     live: usize,
     stats: Stats,
@@ -398,6 +413,19 @@ impl Server {
             reservations: Vec::new(),
             per_user: HashMap::new(),
             per_ip: HashMap::new(),
+            challenges: limits::RateLimiter::new(
+                CHALLENGE_BUCKETS,
+                CHALLENGES_PER_SECOND,
+                CHALLENGE_BURST,
+                now,
+            ),
+            guesses: limits::RateLimiter::new(
+                CHALLENGE_BUCKETS,
+                GUESSES_PER_SECOND,
+                GUESS_BURST,
+                now,
+            ),
+            failures: limits::FailureLog::default(),
             timers: BinaryHeap::new(),
             live: 0,
             stats: Stats::default(),
@@ -619,7 +647,9 @@ impl Server {
             w.add_error(e);
         }
         add(&mut w);
-        if !self.cfg.software.is_empty() {
+        // SOFTWARE only to authenticated clients: answers to anyone else stay small, so that
+        // a forged source address gains little (the 401 carries just REALM and NONCE).
+        if auth.is_some() && !self.cfg.software.is_empty() {
             w.add(AttrType::SOFTWARE, self.cfg.software.as_bytes());
         }
         if let Some(a) = auth {
@@ -648,9 +678,6 @@ impl Server {
         self.stats.error(code.0);
         let mut w = MessageWriter::new(out, method, Class::Error, txid);
         w.add_error(code);
-        if !self.cfg.software.is_empty() {
-            w.add(AttrType::SOFTWARE, self.cfg.software.as_bytes());
-        }
         if self.cfg.fingerprint {
             w.add_fingerprint();
         }
@@ -698,6 +725,9 @@ impl Server {
         (code, reason): Refused,
         user: Option<&str>,
     ) -> ClientAction {
+        if !self.challenges.allow(client.remote.ip(), now) {
+            return self.dropped(Drop::RateLimited);
+        }
         self.stats.error(code.0);
         let mut nonce = [0u8; NONCE_LEN];
         self.nonces.issue(self.secs(now), client.remote, &mut nonce);
@@ -705,6 +735,9 @@ impl Server {
         if req.integrity().is_none() {
             // The first request of every client: the normal start of the exchange.
             debug!(%client, method, "challenging for credentials");
+        } else if code == ErrorCode::UNAUTHORIZED {
+            // Failures are logged per user and window by the failure log.
+            debug!(%client, method, code = code.0, reason, user, "request refused");
         } else {
             info!(%client, method, code = code.0, reason, user, "request refused");
         }
@@ -744,12 +777,32 @@ impl Server {
                 ),
             ));
         };
-        // RFC 8489 9.2.4 order: the user, then the integrity, then the nonce.
+        // RFC 8489 9.2.4 order: the user, then the integrity, then the nonce. Password checks
+        // are rate-limited per user and source address; beyond the limit the answer is 401
+        // without a check, so guessing gains nothing.
         let key = users.key(username).copied();
-        let Some(key) = key.filter(|k| msg.verify(k)) else {
+        let known = key.is_some();
+        let guess = (username, client.remote.ip());
+        let checked = self.guesses.has_token(guess, now);
+        let Some(key) = key.filter(|k| checked && msg.verify(k)) else {
+            // Only failures spend the budget.
+            self.guesses.allow(guess, now);
             self.stats.auth_failures += 1;
-            let refused = (ErrorCode::UNAUTHORIZED, "bad credentials");
-            return Err(self.challenge(now, client, msg, out, refused, Some(username)));
+            let shown = if known { username } else { "(unknown user)" };
+            self.failures.record(shown, &client, now);
+            let reason = if checked {
+                "bad credentials"
+            } else {
+                "too many attempts"
+            };
+            return Err(self.challenge(
+                now,
+                client,
+                msg,
+                out,
+                (ErrorCode::UNAUTHORIZED, reason),
+                Some(username),
+            ));
         };
         if self.nonces.check(nonce, self.secs(now), client.remote) == NonceCheck::Stale {
             let refused = (ErrorCode::STALE_NONCE, "stale nonce");
@@ -1446,6 +1499,7 @@ impl Server {
 
     /// Expires permissions, channels, allocations and port reservations due at `now`.
     pub fn handle_timeout(&mut self, now: Instant, relays: &mut impl RelaySockets) {
+        self.failures.sweep(now);
         while let Some(&Reverse((t, slot, gen_))) = self.timers.peek() {
             if t > now {
                 break;

@@ -27,10 +27,12 @@ pub enum Drop {
     Forbidden,
     /// The output buffer was too small (should not happen with the documented sizes).
     Buffer,
+    /// A 401 or 438 beyond the per-address rate.
+    RateLimited,
 }
 
 impl Drop {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [Drop; Drop::COUNT] = [
         Drop::NotTurn,
         Drop::Malformed,
@@ -42,6 +44,7 @@ impl Drop {
         Drop::BadIndication,
         Drop::Forbidden,
         Drop::Buffer,
+        Drop::RateLimited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -56,6 +59,7 @@ impl Drop {
             Drop::BadIndication => "bad_indication",
             Drop::Forbidden => "forbidden",
             Drop::Buffer => "buffer",
+            Drop::RateLimited => "rate_limited",
         }
     }
 }

@@ -1271,3 +1271,74 @@ fn operator_peer_lists_apply_to_permissions_and_channels() {
         Class::Success
     );
 }
+
+#[test]
+fn challenges_are_rate_limited_per_source_address() {
+    let mut h = H::new();
+    let t = h.txid();
+    let req = h.build(Method::ALLOCATE, t, None, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+    });
+    let answered = (0..300)
+        .filter(|i| matches!(h.send(client(1000 + i), &req), ClientAction::Reply(_)))
+        .count();
+    assert_eq!(answered, 100, "the burst, then nothing");
+    assert_eq!(h.s.stats().dropped(Drop::RateLimited), 200);
+    // Another address is answered.
+    let elsewhere = ClientId {
+        remote: "198.51.100.9:1".parse().unwrap(),
+        ..client(1)
+    };
+    assert!(matches!(h.send(elsewhere, &req), ClientAction::Reply(_)));
+    // The rate comes back: 20 a second.
+    h.now += Duration::from_secs(1);
+    let again = (0..50)
+        .filter(|i| matches!(h.send(client(2000 + i), &req), ClientAction::Reply(_)))
+        .count();
+    assert_eq!(again, 20);
+}
+
+#[test]
+fn unauthenticated_answers_stay_small() {
+    let mut h = H::new();
+    let t = h.txid();
+    let req = h.build(Method::ALLOCATE, t, None, |_| {});
+    let r = h.request(client(1), &req);
+    // Header, ERROR-CODE, REALM, NONCE, FINGERPRINT: no SOFTWARE.
+    assert_eq!(r.msg().software().unwrap(), None);
+    assert!(r.0.len() <= 20 + 20 + 4 + pad4(REALM.len()) + 4 + NONCE_LEN + 8);
+    let t = h.txid();
+    let req = h.build(Method::BINDING, t, None, |_| {});
+    let r = h.request(client(1), &req);
+    assert_eq!(r.msg().software().unwrap(), None);
+    assert!(r.0.len() <= 20 + 12 + 12 + 8, "{}", r.0.len());
+}
+
+#[test]
+fn password_guessing_is_rate_limited_per_user_and_address() {
+    let mut h = H::new();
+    let transport = |w: &mut MessageWriter| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+    };
+    for _ in 0..20 {
+        assert_eq!(
+            h.auth_as(client(1), Method::ALLOCATE, (USER, "guess"), transport)
+                .code(),
+            Some(401)
+        );
+    }
+    // The budget is spent: even the right password is not checked now.
+    assert_eq!(h.allocate(client(1)).code(), Some(401));
+    // The same user from another address, and another user here, are not affected.
+    let elsewhere = ClientId {
+        remote: "198.51.100.9:1".parse().unwrap(),
+        ..client(1)
+    };
+    h.allocate_ok(elsewhere);
+    let r = h.auth_as(client(2), Method::ALLOCATE, ("bob", "builder"), transport);
+    assert_eq!(r.class(), Class::Success);
+    // One check comes back every 6 s.
+    h.now += Duration::from_secs(6);
+    h.allocate_ok(client(1));
+    assert_eq!(h.s.stats().auth_failures, 21);
+}
