@@ -113,6 +113,8 @@ pub struct Config {
     pub total_quota: u32,
     /// Allocations one client IP address may hold at once (`ip-quota`); 0 means no limit.
     pub ip_quota: u32,
+    /// Bytes per second one allocation may relay in each direction (`max-bps`); 0: no limit.
+    pub max_bps: u32,
     /// Permissions per allocation (`max-permissions`).
     pub max_permissions: u32,
     /// Channel bindings per allocation (`max-channels`).
@@ -395,6 +397,7 @@ struct RawConfig {
     user_quota: Option<Spanned<u32>>,
     total_quota: Option<Spanned<u32>>,
     ip_quota: Option<Spanned<u32>>,
+    max_bps: Option<Spanned<u32>>,
     max_permissions: Option<Spanned<u32>>,
     max_channels: Option<Spanned<u32>>,
     max_connections: Option<Spanned<u32>>,
@@ -785,6 +788,7 @@ impl RawConfig {
         let user_quota = value_or(&self.user_quota, 0);
         let total_quota = value_or(&self.total_quota, 0);
         let ip_quota = value_or(&self.ip_quota, 0);
+        let max_bps = value_or(&self.max_bps, 0);
         let max_permissions = value_or(&self.max_permissions, DEFAULT_MAX_PERMISSIONS);
         let max_channels = value_or(&self.max_channels, DEFAULT_MAX_CHANNELS);
         let max_connections = value_or(&self.max_connections, DEFAULT_MAX_CONNECTIONS);
@@ -867,6 +871,7 @@ impl RawConfig {
             user_quota,
             total_quota,
             ip_quota,
+            max_bps,
             max_permissions,
             max_channels,
             max_connections,
@@ -1445,6 +1450,7 @@ bob = "b"
             "user-quota",
             "total-quota",
             "ip-quota",
+            "max-bps",
             "max-permissions",
             "max-channels",
             "max-connections",

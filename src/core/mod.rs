@@ -167,6 +167,9 @@ pub struct ServerConfig {
     pub total_quota: u32,
     /// Allocations per client IP address; 0 means no limit.
     pub ip_quota: u32,
+    /// Bytes per second an allocation may relay in each direction; 0 means no limit. Beyond
+    /// it (after a burst of one second's worth, at least 64 KiB) datagrams are dropped.
+    pub max_bps: u32,
     /// Peer prefixes allowed although a default refusal covers them.
     pub allowed_peers: Vec<policy::Cidr>,
     /// Peer prefixes always refused.
@@ -195,6 +198,7 @@ impl ServerConfig {
             user_quota: 0,
             total_quota: 0,
             ip_quota: 0,
+            max_bps: 0,
             allowed_peers: Vec::new(),
             denied_peers: Vec::new(),
             max_permissions: 64,
@@ -292,6 +296,39 @@ struct Allocation {
     timer: Option<Instant>,
     /// A port reserved for a later Allocate (EVEN-PORT with R) and its token.
     reservation: Option<[u8; 8]>,
+    /// Bandwidth budgets toward the peer ([0]) and toward the client ([1]), when `max-bps`
+    /// is set.
+    budgets: [Budget; 2],
+}
+
+/// A token bucket of bytes.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    bytes: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn new(now: Instant, burst: f64) -> Self {
+        Budget {
+            bytes: burst,
+            at: now,
+        }
+    }
+
+    /// Spends `len` bytes if the bucket, refilled at `rate` up to `burst`, holds them.
+    #[inline]
+    fn spend(&mut self, len: usize, now: Instant, rate: f64, burst: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.bytes = (self.bytes + elapsed * rate).min(burst);
+        self.at = now;
+        if self.bytes >= len as f64 {
+            self.bytes -= len as f64;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Allocation {
@@ -543,6 +580,9 @@ impl Server {
         }
         let (relay, peer) = (a.relay, ch.peer);
         let len = cd.payload.len();
+        if !self.within_budget(slot, 0, len, now) {
+            return self.dropped(Drop::Bandwidth);
+        }
         self.stats.to_peer_packets += 1;
         self.stats.to_peer_bytes += len as u64;
         ClientAction::Forward {
@@ -1053,6 +1093,7 @@ impl Server {
             channels: Vec::new(),
             timer: None,
             reservation,
+            budgets: [Budget::new(now, self.burst()); 2],
         };
         let slot = self.insert(a);
         self.schedule(slot, now);
@@ -1250,6 +1291,26 @@ impl Server {
         Ok(())
     }
 
+    /// The bucket size of the bandwidth limit: one second's worth, and at least one maximal
+    /// datagram.
+    fn burst(&self) -> f64 {
+        f64::from(self.cfg.max_bps).max(65_535.0)
+    }
+
+    /// Charges `len` bytes to an allocation's budget in direction `dir` (0 toward the peer, 1
+    /// toward the client); `true` when there is no limit or the budget holds them.
+    #[inline]
+    fn within_budget(&mut self, slot: u32, dir: usize, len: usize, now: Instant) -> bool {
+        if self.cfg.max_bps == 0 {
+            return true;
+        }
+        let (rate, burst) = (f64::from(self.cfg.max_bps), self.burst());
+        match self.allocs.get_mut(slot as usize).and_then(Option::as_mut) {
+            Some(a) => a.budgets[dir].spend(len, now, rate, burst),
+            None => false,
+        }
+    }
+
     /// The server's own addresses are peers only on relay ports (relay to relay); any other
     /// port of theirs (the listeners, other services of the host) is out of reach. Peers on
     /// loopback are exempt when `allow-loopback-peers` is on.
@@ -1411,10 +1472,13 @@ impl Server {
         if !a.permitted(peer.ip(), now) {
             return self.dropped(Drop::NoPermission);
         }
+        let relay = a.relay;
         if !self.own_port_ok(peer) {
             return self.dropped(Drop::Forbidden);
         }
-        let relay = a.relay;
+        if !self.within_budget(slot, 0, payload.len(), now) {
+            return self.dropped(Drop::Bandwidth);
+        }
         self.stats.to_peer_packets += 1;
         self.stats.to_peer_bytes += payload.len() as u64;
         ClientAction::Forward {
@@ -1461,6 +1525,13 @@ impl Server {
             return PeerAction::None;
         }
         let client = a.client;
+        if !self.within_budget(slot, 1, len, now) {
+            self.stats.drop(Drop::Bandwidth);
+            return PeerAction::None;
+        }
+        let Some(a) = self.allocs.get(slot as usize).and_then(Option::as_ref) else {
+            return PeerAction::None;
+        };
         let range = if let Some(ch) = a.channels.iter().find(|c| c.peer == peer && c.until > now) {
             let start = payload.start - wire::CHANNEL_DATA_HEADER_LEN;
             let hdr: &mut [u8; 4] = (&mut buf[start..payload.start])

@@ -29,10 +29,12 @@ pub enum Drop {
     Buffer,
     /// A 401 or 438 beyond the per-address rate.
     RateLimited,
+    /// Relayed data beyond the allocation's `max-bps`.
+    Bandwidth,
 }
 
 impl Drop {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 12;
     pub const ALL: [Drop; Drop::COUNT] = [
         Drop::NotTurn,
         Drop::Malformed,
@@ -45,6 +47,7 @@ impl Drop {
         Drop::Forbidden,
         Drop::Buffer,
         Drop::RateLimited,
+        Drop::Bandwidth,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +63,7 @@ impl Drop {
             Drop::Forbidden => "forbidden",
             Drop::Buffer => "buffer",
             Drop::RateLimited => "rate_limited",
+            Drop::Bandwidth => "bandwidth",
         }
     }
 }

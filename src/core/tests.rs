@@ -1342,3 +1342,40 @@ fn password_guessing_is_rate_limited_per_user_and_address() {
     h.allocate_ok(client(1));
     assert_eq!(h.s.stats().auth_failures, 21);
 }
+
+#[test]
+fn max_bps_drops_beyond_the_budget_in_each_direction() {
+    let mut c = cfg();
+    c.max_bps = 100_000;
+    let mut h = H::with(c);
+    let relay = h.allocate_ok(client(1));
+    let p = public_peer(1);
+    h.bind(client(1), 0x4000, p);
+    let data = [7u8; 1000];
+    // The burst is one second's worth: 100 datagrams of 1000 bytes.
+    let sent = (0..150)
+        .filter(|_| {
+            matches!(
+                h.channel_data(client(1), 0x4000, &data),
+                ClientAction::Forward { .. }
+            )
+        })
+        .count();
+    assert_eq!(sent, 100);
+    let back = (0..150)
+        .filter(|_| h.peer_sends(relay, p, &data).is_some())
+        .count();
+    assert_eq!(back, 100, "the other direction has its own budget");
+    assert_eq!(h.s.stats().dropped(Drop::Bandwidth), 100);
+    // Half a second refills half the budget.
+    h.now += Duration::from_millis(500);
+    let more = (0..100)
+        .filter(|_| {
+            matches!(
+                h.channel_data(client(1), 0x4000, &data),
+                ClientAction::Forward { .. }
+            )
+        })
+        .count();
+    assert_eq!(more, 50);
+}

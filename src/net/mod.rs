@@ -90,6 +90,7 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
     sc.user_quota = cfg.user_quota;
     sc.total_quota = cfg.total_quota;
     sc.ip_quota = cfg.ip_quota;
+    sc.max_bps = cfg.max_bps;
     sc.max_permissions = cfg.max_permissions as usize;
     sc.max_channels = cfg.max_channels as usize;
     sc
