@@ -7,10 +7,8 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use turnserver::auth::long_term_key;
-use turnserver::wire::{
-    AttrType, Class, MessageRef, MessageWriter, Method, PROTO_UDP, TransactionId,
-};
+use common::Client;
+use turnserver::wire::{Class, MessageRef, MessageWriter, Method, TransactionId};
 
 fn binding_request(id: u8) -> Vec<u8> {
     let mut buf = vec![0u8; 64];
@@ -120,81 +118,13 @@ fn idle_connections_without_allocation_are_closed() {
     assert!(logged(&server, "reason=\"idle\""), "{}", server.log());
 }
 
-/// Builds Allocate requests for one user from one socket: the first draws a 401 with a nonce,
-/// the rest are signed with it.
-struct Client {
-    sock: UdpSocket,
-    nonce: Vec<u8>,
-    n: u8,
-}
-
-impl Client {
-    fn new() -> Client {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
-        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        Client {
-            sock,
-            nonce: Vec::new(),
-            n: 0,
-        }
-    }
-
-    fn request(
-        &mut self,
-        server: &common::TestServer,
-        method: Method,
-        add: impl Fn(&mut MessageWriter),
-    ) -> Option<u16> {
-        for _ in 0..2 {
-            self.n += 1;
-            let mut buf = vec![0u8; 512];
-            let mut w = MessageWriter::new(
-                &mut buf,
-                method,
-                Class::Request,
-                &TransactionId([self.n; 12]),
-            );
-            add(&mut w);
-            if !self.nonce.is_empty() {
-                w.add(AttrType::USERNAME, common::USER.as_bytes())
-                    .add(AttrType::REALM, common::REALM.as_bytes())
-                    .add(AttrType::NONCE, &self.nonce)
-                    .add_integrity(&long_term_key(
-                        common::USER,
-                        common::REALM,
-                        common::PASSWORD,
-                    ));
-            }
-            let n = w.finish().unwrap();
-            self.sock.send_to(&buf[..n], server.addr()).unwrap();
-            let mut r = [0u8; 1500];
-            let len = self.sock.recv(&mut r).expect("answer");
-            let m = MessageRef::parse(&r[..len]).unwrap();
-            let code = m.error_code().unwrap().map(|(c, _)| c);
-            if let Ok(Some(nonce)) = m.nonce() {
-                self.nonce = nonce.to_vec();
-            }
-            if code != Some(401) || self.nonce.is_empty() {
-                return code;
-            }
-        }
-        Some(401)
-    }
-
-    fn allocate(&mut self, server: &common::TestServer) -> Option<u16> {
-        self.request(server, Method::ALLOCATE, |w| {
-            w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
-        })
-    }
-}
-
 #[test]
 fn quotas_answer_486() {
     let server = common::start("user-quota = 2");
-    let mut clients: Vec<Client> = (0..3).map(|_| Client::new()).collect();
-    assert_eq!(clients[0].allocate(&server), None);
-    assert_eq!(clients[1].allocate(&server), None);
-    assert_eq!(clients[2].allocate(&server), Some(486));
+    let mut clients: Vec<Client> = (0..3).map(|_| Client::udp(server.addr())).collect();
+    assert_eq!(clients[0].allocate(None), None);
+    assert_eq!(clients[1].allocate(None), None);
+    assert_eq!(clients[2].allocate(None), Some(486));
     assert!(logged(&server, "user quota reached"));
 }
 
@@ -205,14 +135,9 @@ fn operator_peer_lists_answer_403() {
         common::USER,
         common::PASSWORD
     ));
-    let mut c = Client::new();
-    assert_eq!(c.allocate(&server), None);
-    let permit = |c: &mut Client, peer: &str| {
-        let peer = peer.parse().unwrap();
-        c.request(&server, Method::CREATE_PERMISSION, move |w| {
-            w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
-        })
-    };
+    let mut c = Client::udp(server.addr());
+    assert_eq!(c.allocate(None), None);
+    let permit = |c: &mut Client, peer: &str| c.permit(peer.parse().unwrap());
     assert_eq!(permit(&mut c, "10.77.3.4:1000"), None);
     assert_eq!(permit(&mut c, "10.78.3.4:1000"), Some(403));
     assert_eq!(permit(&mut c, "8.8.8.8:53"), Some(403));

@@ -249,3 +249,143 @@ pub fn start_tls(certs: &TestCerts, extra: &str) -> (TestServer, u16) {
     }
     panic!("could not start a TLS server");
 }
+
+/// A minimal TURN client for tests that need exact control over requests: long-term
+/// credentials (401, then signed requests with the nonce), over UDP or TCP. Independent
+/// clients (the `turn` crate, coturn, Chromium) cover interoperability; this one covers the
+/// server's refusals.
+pub struct Client {
+    conn: ClientConn,
+    nonce: Vec<u8>,
+    n: u8,
+    pub user: String,
+    pub password: String,
+}
+
+enum ClientConn {
+    Udp(UdpSocket, SocketAddr),
+    Tcp(std::net::TcpStream),
+}
+
+impl Client {
+    pub fn udp(server: SocketAddr) -> Client {
+        let any = if server.is_ipv4() {
+            "127.0.0.1:0"
+        } else {
+            "[::1]:0"
+        };
+        let sock = UdpSocket::bind(any).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        Client::with(ClientConn::Udp(sock, server))
+    }
+
+    pub fn tcp(server: SocketAddr) -> Client {
+        let s = std::net::TcpStream::connect(server).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        Client::with(ClientConn::Tcp(s))
+    }
+
+    fn with(conn: ClientConn) -> Client {
+        Client {
+            conn,
+            nonce: Vec::new(),
+            n: 0,
+            user: USER.into(),
+            password: PASSWORD.into(),
+        }
+    }
+
+    fn exchange(&mut self, req: &[u8]) -> Vec<u8> {
+        use std::io::{Read, Write};
+        match &mut self.conn {
+            ClientConn::Udp(s, to) => {
+                s.send_to(req, *to).unwrap();
+                let mut r = vec![0u8; 1500];
+                let n = s.recv(&mut r).expect("an answer");
+                r.truncate(n);
+                r
+            }
+            ClientConn::Tcp(s) => {
+                s.write_all(req).unwrap();
+                let mut hdr = [0u8; 20];
+                s.read_exact(&mut hdr).expect("an answer");
+                let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
+                let mut r = hdr.to_vec();
+                r.resize(20 + len, 0);
+                s.read_exact(&mut r[20..]).unwrap();
+                r
+            }
+        }
+    }
+
+    /// Sends a request (signed once a nonce is known; a 401 or 438 is retried once with the
+    /// new nonce) and returns the error code of the answer, `None` for success.
+    pub fn request(
+        &mut self,
+        method: turnserver::wire::Method,
+        add: impl Fn(&mut turnserver::wire::MessageWriter),
+    ) -> Option<u16> {
+        use turnserver::wire::{AttrType, Class, MessageRef, MessageWriter, TransactionId};
+        let key = turnserver::auth::long_term_key(&self.user, REALM, &self.password);
+        let mut code = None;
+        for _ in 0..2 {
+            self.n = self.n.wrapping_add(1);
+            let mut buf = vec![0u8; 512];
+            let mut w = MessageWriter::new(
+                &mut buf,
+                method,
+                Class::Request,
+                &TransactionId([self.n; 12]),
+            );
+            add(&mut w);
+            if !self.nonce.is_empty() {
+                w.add(AttrType::USERNAME, self.user.as_bytes())
+                    .add(AttrType::REALM, REALM.as_bytes())
+                    .add(AttrType::NONCE, &self.nonce)
+                    .add_integrity(&key);
+            }
+            let n = w.finish().unwrap();
+            let r = self.exchange(&buf[..n]);
+            let m = MessageRef::parse(&r).expect("a STUN answer");
+            assert_eq!(m.transaction_id().0, [self.n; 12]);
+            code = m.error_code().unwrap().map(|(c, _)| c);
+            let had_nonce = !self.nonce.is_empty();
+            if let Ok(Some(nonce)) = m.nonce() {
+                self.nonce = nonce.to_vec();
+            }
+            let retry = code == Some(438) || (code == Some(401) && !had_nonce);
+            if !retry {
+                break;
+            }
+        }
+        code
+    }
+
+    /// Allocate with REQUESTED-TRANSPORT UDP and, if given, REQUESTED-ADDRESS-FAMILY.
+    pub fn allocate(&mut self, family: Option<u8>) -> Option<u16> {
+        use turnserver::wire::{AttrType, Method, PROTO_UDP};
+        self.request(Method::ALLOCATE, |w| {
+            w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24);
+            if let Some(f) = family {
+                w.add_u32(AttrType::REQUESTED_ADDRESS_FAMILY, (f as u32) << 24);
+            }
+        })
+    }
+
+    /// CreatePermission for one peer.
+    pub fn permit(&mut self, peer: SocketAddr) -> Option<u16> {
+        use turnserver::wire::{AttrType, Method};
+        self.request(Method::CREATE_PERMISSION, |w| {
+            w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
+        })
+    }
+
+    /// ChannelBind of `number` to one peer.
+    pub fn bind(&mut self, number: u16, peer: SocketAddr) -> Option<u16> {
+        use turnserver::wire::{AttrType, Method};
+        self.request(Method::CHANNEL_BIND, |w| {
+            w.add_u32(AttrType::CHANNEL_NUMBER, (number as u32) << 16)
+                .add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
+        })
+    }
+}
