@@ -9,24 +9,12 @@ use std::time::Duration;
 
 use turnserver::wire::{AttrType, Class, MessageRef, MessageWriter, Method, TransactionId};
 
-fn binding_request(id: u8) -> Vec<u8> {
-    let mut buf = vec![0u8; 64];
-    let w = MessageWriter::new(
-        &mut buf,
-        Method::BINDING,
-        Class::Request,
-        &TransactionId([id; 12]),
-    );
-    let n = w.finish().unwrap();
-    buf.truncate(n);
-    buf
-}
-
 /// The server still answers a Binding request over UDP with the right reflexive address.
 fn still_serves(server: &common::TestServer) {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    s.send_to(&binding_request(0x77), server.addr()).unwrap();
+    s.send_to(&common::binding_request(0x77), server.addr())
+        .unwrap();
     let mut buf = [0u8; 1500];
     let n = s.recv(&mut buf).expect("server still answers");
     let m = MessageRef::parse(&buf[..n]).unwrap();
@@ -44,7 +32,7 @@ fn malformed_udp_datagrams_are_dropped_or_answered_400() {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     s.set_read_timeout(Some(Duration::from_millis(300)))
         .unwrap();
-    let good = binding_request(1);
+    let good = common::binding_request(1);
     let mut junk: Vec<Vec<u8>> = vec![
         vec![],
         vec![0],
@@ -137,8 +125,8 @@ fn garbage_on_tcp_closes_that_connection_only() {
     // A well-behaved TCP client on another connection is answered, twice in one write.
     let mut good = TcpStream::connect(server.addr()).unwrap();
     good.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    let mut two = binding_request(1);
-    two.extend_from_slice(&binding_request(2));
+    let mut two = common::binding_request(1);
+    two.extend_from_slice(&common::binding_request(2));
     good.write_all(&two).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 1500];

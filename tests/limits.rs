@@ -8,21 +8,7 @@ use std::net::{TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use common::Client;
-use turnserver::wire::{Class, MessageRef, MessageWriter, Method, TransactionId};
-
-fn binding_request(id: u8) -> Vec<u8> {
-    let mut buf = vec![0u8; 64];
-    let n = MessageWriter::new(
-        &mut buf,
-        Method::BINDING,
-        Class::Request,
-        &TransactionId([id; 12]),
-    )
-    .finish()
-    .unwrap();
-    buf.truncate(n);
-    buf
-}
+use turnserver::wire::MessageRef;
 
 /// Waits (boundedly) for the server to log `needle`.
 fn logged(server: &common::TestServer, needle: &str) -> bool {
@@ -56,7 +42,7 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 
 fn answers_binding(s: &mut TcpStream, id: u8) -> bool {
     s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-    if s.write_all(&binding_request(id)).is_err() {
+    if s.write_all(&common::binding_request(id)).is_err() {
         return false;
     }
     let mut b = [0u8; 512];
@@ -99,7 +85,8 @@ fn connections_beyond_max_connections_are_closed() {
     // UDP is not affected by the stream cap.
     let u = UdpSocket::bind("127.0.0.1:0").unwrap();
     u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    u.send_to(&binding_request(7), server.addr()).unwrap();
+    u.send_to(&common::binding_request(7), server.addr())
+        .unwrap();
     let mut b = [0u8; 512];
     assert!(u.recv(&mut b).is_ok());
 }

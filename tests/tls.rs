@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use turnserver::wire::{AttrType, Class, MessageRef, MessageWriter, Method, TransactionId};
+use turnserver::wire::{AttrType, Class, MessageRef};
 
 use common::{TempDir, TestCerts};
 
@@ -49,23 +49,9 @@ async fn connect(
     timeout(NET, connector(ca, versions).connect(name, tcp)).await?
 }
 
-fn binding_request(id: u8) -> Vec<u8> {
-    let mut buf = vec![0u8; 64];
-    let n = MessageWriter::new(
-        &mut buf,
-        Method::BINDING,
-        Class::Request,
-        &TransactionId([id; 12]),
-    )
-    .finish()
-    .unwrap();
-    buf.truncate(n);
-    buf
-}
-
 /// Sends a Binding request on the stream and returns the reflexive address of the answer.
 async fn binding(s: &mut TlsStream<TcpStream>, id: u8) -> SocketAddr {
-    s.write_all(&binding_request(id)).await.unwrap();
+    s.write_all(&common::binding_request(id)).await.unwrap();
     let mut hdr = [0u8; 20];
     timeout(NET, s.read_exact(&mut hdr)).await.unwrap().unwrap();
     let len = u16::from_be_bytes([hdr[2], hdr[3]]) as usize;
@@ -103,8 +89,8 @@ async fn stun_over_tls_1_3_and_1_2_with_a_verified_certificate() {
         let local = s.get_ref().0.local_addr().unwrap();
         assert_eq!(binding(&mut s, 1).await, local);
         // Two requests in one write, answered in order.
-        let mut two = binding_request(2);
-        two.extend_from_slice(&binding_request(3));
+        let mut two = common::binding_request(2);
+        two.extend_from_slice(&common::binding_request(3));
         s.write_all(&two).await.unwrap();
         let mut buf = vec![0u8; 2048];
         let mut got = Vec::new();
@@ -137,7 +123,7 @@ async fn stun_over_tls_1_3_and_1_2_with_a_verified_certificate() {
     );
     // Plain TURN on the TLS port: the handshake fails, the server goes on.
     let mut plain = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    plain.write_all(&binding_request(9)).await.unwrap();
+    plain.write_all(&common::binding_request(9)).await.unwrap();
     let mut b = [0u8; 64];
     let n = timeout(NET, plain.read(&mut b)).await.unwrap().unwrap_or(0);
     assert!(n == 0 || b[0] == 0x15, "closed or a TLS alert, not STUN");

@@ -20,8 +20,7 @@ use dtls::config::{Config as DtlsConfig, ExtendedMasterSecretType};
 use dtls::conn::DTLSConn;
 use dtls::crypto::{Certificate, CryptoPrivateKey, CryptoPrivateKeyKind};
 use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, Ed25519KeyPair};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::PrivateKeyDer;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 use webrtc_util::conn::conn_udp_listener::ListenConfig;
@@ -40,17 +39,8 @@ const MAX_QUEUED: usize = 256 * 1024;
 /// Reads the certificate chain and key for DTLS; errors name the file. The key must be
 /// PKCS#8 (ECDSA P-256 or Ed25519) or RSA (PKCS#8 or PKCS#1).
 pub fn load(files: &TlsFiles) -> Result<Certificate, String> {
-    let cert_name = files.cert.display();
     let key_name = files.pkey.display();
-    let certificate: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| format!("cert {cert_name}: {e}"))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("cert {cert_name}: {e}"))?;
-    if certificate.is_empty() {
-        return Err(format!("cert {cert_name}: no certificate in the file"));
-    }
-    let key =
-        PrivateKeyDer::from_pem_file(&files.pkey).map_err(|e| format!("pkey {key_name}: {e}"))?;
+    let (certificate, key) = super::tls::read_pem(files)?;
     let der = key.secret_der().to_vec();
     let rng = ring::rand::SystemRandom::new();
     let kind = match &key {

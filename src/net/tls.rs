@@ -20,11 +20,12 @@ use tracing::{info, warn};
 
 use crate::config::TlsFiles;
 
-/// Reads a certificate chain and its private key, checking that they belong together. Errors
-/// name the file at fault.
-pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
+/// Reads the PEM certificate chain and private key named by `cert` and `pkey`. Errors name
+/// the file at fault.
+pub fn read_pem(
+    files: &TlsFiles,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
     let cert_name = files.cert.display();
-    let key_name = files.pkey.display();
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| format!("cert {cert_name}: {e}"))?
         .collect::<Result<_, _>>()
@@ -32,8 +33,17 @@ pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
     if certs.is_empty() {
         return Err(format!("cert {cert_name}: no certificate in the file"));
     }
-    let key =
-        PrivateKeyDer::from_pem_file(&files.pkey).map_err(|e| format!("pkey {key_name}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(&files.pkey)
+        .map_err(|e| format!("pkey {}: {e}", files.pkey.display()))?;
+    Ok((certs, key))
+}
+
+/// Reads a certificate chain and its private key, checking that they belong together. Errors
+/// name the file at fault.
+pub fn load(files: &TlsFiles) -> Result<CertifiedKey, String> {
+    let cert_name = files.cert.display();
+    let key_name = files.pkey.display();
+    let (certs, key) = read_pem(files)?;
     let provider = ring::default_provider();
     let signer = provider
         .key_provider

@@ -389,3 +389,19 @@ impl Client {
         })
     }
 }
+
+/// A Binding request with transaction ID `[id; 12]`.
+pub fn binding_request(id: u8) -> Vec<u8> {
+    use turnserver::wire::{Class, MessageWriter, Method, TransactionId};
+    let mut buf = vec![0u8; 64];
+    let n = MessageWriter::new(
+        &mut buf,
+        Method::BINDING,
+        Class::Request,
+        &TransactionId([id; 12]),
+    )
+    .finish()
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
