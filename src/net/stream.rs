@@ -308,6 +308,9 @@ async fn read_frames(
 ) -> &'static str {
     let mut buf = vec![0u8; READ_BUF];
     let mut filled = 0;
+    // Silence is measured from the last complete frame, not the last byte: a client that
+    // trickles a frame a byte at a time is as idle as one that sends nothing.
+    let mut last_frame = Instant::now();
     loop {
         // Dispatch every complete frame in the buffer.
         let mut start = 0;
@@ -319,6 +322,7 @@ async fn read_frames(
                     let mut bufs = driver.bufs.borrow_mut();
                     driver.client_input(now, client, frame, &mut bufs.reply, |r| conn.send(r));
                     start += n;
+                    last_frame = now;
                 }
                 Frame::Incomplete(need) => {
                     if need > MAX_FRAME {
@@ -344,7 +348,8 @@ async fn read_frames(
         } else {
             driver.idle_without_allocation
         };
-        match tokio::time::timeout(idle, reader.read(&mut buf[filled..])).await {
+        let deadline = tokio::time::Instant::from_std(last_frame + idle);
+        match tokio::time::timeout_at(deadline, reader.read(&mut buf[filled..])).await {
             Ok(Ok(0)) => return "closed by client",
             Ok(Ok(n)) => filled += n,
             Ok(Err(_)) => return "read failed",
