@@ -378,6 +378,18 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     Ok(s.into())
 }
 
+/// Receive buffer asked for on UDP listeners: every client's datagrams arrive on them, and a
+/// burst beyond the kernel's default (about 200 KiB) would be dropped before the server sees it.
+/// The kernel caps the request at `net.core.rmem_max`.
+const LISTENER_RCVBUF: usize = 4 << 20;
+
+fn bind_udp_listener(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    let s = new_socket(addr, socket2::Type::DGRAM)?;
+    let _ = s.set_recv_buffer_size(LISTENER_RCVBUF);
+    s.bind(&addr.into())?;
+    Ok(s.into())
+}
+
 fn bind_tcp(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, String> {
     let listen = || -> io::Result<std::net::TcpListener> {
         let s = new_socket(addr, socket2::Type::STREAM)?;
@@ -409,8 +421,10 @@ impl Listeners {
         for ip in &cfg.listening_ips {
             let addr = SocketAddr::new(*ip, cfg.listening_port);
             if !cfg.no_udp {
-                l.udp
-                    .push(bind_udp(addr).map_err(|e| format!("cannot listen on udp {addr}: {e}"))?);
+                l.udp.push(
+                    bind_udp_listener(addr)
+                        .map_err(|e| format!("cannot listen on udp {addr}: {e}"))?,
+                );
             }
             if !cfg.no_tcp {
                 l.tcp.push(bind_tcp(addr, "tcp")?);
