@@ -775,11 +775,10 @@ impl Server {
         if req.integrity().is_none() {
             // The first request of every client: the normal start of the exchange.
             debug!(%client, method, "challenging for credentials");
-        } else if code == ErrorCode::UNAUTHORIZED {
-            // Failures are logged per user and window by the failure log.
-            debug!(%client, method, code = code.0, reason, user, "request refused");
         } else {
-            info!(%client, method, code = code.0, reason, user, "request refused");
+            // A nonce that aged (438) is the normal course of a long session, and bad
+            // credentials (401) are logged per user and window by the failure log.
+            debug!(%client, method, code = code.0, reason, user, "request refused");
         }
         let realm = self.cfg.users.as_ref().map_or("", |u| u.realm());
         self.respond(out, req, Some(code), None, |w| {
