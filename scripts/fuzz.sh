@@ -98,11 +98,12 @@ fi
 echo "fuzz: $(cargo fuzz --version), $("${cargo_tc[@]}" --version), sanitizer $sanitizer"
 start=$SECONDS
 # Debug assertions and overflow checks are on (cargo-fuzz's default, made explicit).
-"${cargo_tc[@]}" fuzz build --sanitizer "$sanitizer" --debug-assertions "${target_dir[@]}" \
-    "${targets[@]:0:1}" >/dev/null
-for t in "${targets[@]:1}"; do
-    "${cargo_tc[@]}" fuzz build --sanitizer "$sanitizer" --debug-assertions "${target_dir[@]}" \
-        "$t" >/dev/null
+for t in "${targets[@]}"; do
+    if ! "${cargo_tc[@]}" fuzz build --sanitizer "$sanitizer" --debug-assertions \
+        "${target_dir[@]}" "$t" >/dev/null; then
+        echo "fuzz: building $t FAILED"
+        exit 1
+    fi
 done
 echo "fuzz: built ${targets[*]} in $((SECONDS - start)) s"
 
@@ -112,22 +113,30 @@ for t in "${targets[@]}"; do
     seeds=()
     [ -d "fuzz/corpus/$t" ] && seeds+=("fuzz/corpus/$t")
     [ -d "fuzz/regressions/$t" ] && seeds+=("fuzz/regressions/$t")
-    log="fuzz/work/$t.log"
+    # One log per run, so that runs side by side in one checkout do not mix their output.
+    log="fuzz/work/$t.$$.log"
     echo "fuzz: running $t for $secs s"
     # shellcheck disable=SC2086 # FUZZ_ARGS is a list of libFuzzer flags
     if "${cargo_tc[@]}" fuzz run --sanitizer "$sanitizer" --debug-assertions "${target_dir[@]}" \
         "$t" "fuzz/work/$t" "${seeds[@]}" -- \
         -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
         ${FUZZ_ARGS:-} >"$log" 2>&1; then
-        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
-        rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
-        cov=$(grep -o 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1)
+        # (-a: libFuzzer's log may hold raw bytes.)
+        runs=$(grep -a '^stat::number_of_executed_units:' "$log" | tail -1 | tr -dc '0-9')
+        rate=$(grep -a '^stat::average_exec_per_sec:' "$log" | tail -1 | tr -dc '0-9')
+        cov=$(grep -ao 'cov: [0-9]* ft: [0-9]*' "$log" | tail -1)
         echo "fuzz: $t ok: ${runs:-?} executions, ${rate:-?}/s, ${cov:-coverage not shown}"
+        rm -f "$log"
     else
         status=1
         echo "fuzz: $t FAILED (full log: $log); last lines:"
-        grep -v 'Uses: ' "$log" | tail -40
-        ls -t "fuzz/artifacts/$t" 2>/dev/null | head -3 | sed "s|^|fuzz: artifact fuzz/artifacts/$t/|"
+        grep -av 'Uses: ' "$log" | tail -40
+        newest=$(ls -t "fuzz/artifacts/$t" 2>/dev/null | head -1)
+        if [ -n "$newest" ]; then
+            echo "fuzz: artifact fuzz/artifacts/$t/$newest, in hex:"
+            od -An -tx1 -v "fuzz/artifacts/$t/$newest" | tr -d ' \n' | head -c 20000
+            echo
+        fi
     fi
 done
 exit "$status"

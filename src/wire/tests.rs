@@ -443,3 +443,25 @@ fn stream_framing() {
     assert_eq!(classify(&[0x80]), Kind::Other);
     assert_eq!(classify(&[]), Kind::Other);
 }
+
+#[test]
+fn writer_refuses_a_body_longer_than_the_length_field() {
+    let mut big = vec![0u8; 100_000];
+    let mut w = MessageWriter::new(&mut big, Method::BINDING, Class::Success, &TXID_A);
+    w.add(AttrType::SOFTWARE, &[b'a'; 40_000])
+        .add(AttrType::SOFTWARE, &[b'b'; 40_000]);
+    assert_eq!(w.finish(), None);
+}
+
+#[test]
+fn long_error_reasons_are_cut_at_a_character_boundary() {
+    let reason = format!("{}é", "x".repeat(762));
+    let mut out = [0u8; 1024];
+    let mut w = MessageWriter::new(&mut out, Method::ALLOCATE, Class::Error, &TXID_A);
+    w.add_error_reason(400, &reason);
+    let n = w.finish().unwrap();
+    let m = MessageRef::parse(&out[..n]).unwrap();
+    let (code, text) = m.error_code().unwrap().unwrap();
+    assert_eq!(code, 400);
+    assert_eq!(text, "x".repeat(762));
+}

@@ -56,7 +56,11 @@ impl<'b> MessageWriter<'b> {
     /// Reserves an attribute of `vlen` bytes and returns its value slice (padding zeroed).
     fn reserve(&mut self, t: AttrType, vlen: usize) -> Option<&mut [u8]> {
         let total = 4 + pad4(vlen);
-        if self.overflow || vlen > u16::MAX as usize || self.len + total > self.buf.len() {
+        if self.overflow
+            || vlen > u16::MAX as usize
+            || self.len + total > self.buf.len()
+            || self.len + total - HEADER_LEN > u16::MAX as usize
+        {
             self.overflow = true;
             return None;
         }
@@ -108,7 +112,12 @@ impl<'b> MessageWriter<'b> {
 
     /// Appends ERROR-CODE with a given code (300-699) and reason.
     pub fn add_error_reason(&mut self, code: u16, reason: &str) -> &mut Self {
-        let reason = &reason.as_bytes()[..reason.len().min(763)];
+        // At most 763 bytes (RFC 8489 14.8), cut at a character boundary.
+        let mut cut = reason.len().min(763);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let reason = &reason.as_bytes()[..cut];
         if let Some(v) = self.reserve(AttrType::ERROR_CODE, 4 + reason.len()) {
             v[0] = 0;
             v[1] = 0;
