@@ -287,11 +287,6 @@ impl Driver {
             .borrow_mut()
             .handle_timeout(Instant::now(), &mut *relays);
     }
-
-    /// Counters of the core, for tests and the metrics exporter.
-    pub fn stats(&self) -> crate::core::Stats {
-        self.server.borrow().stats().clone()
-    }
 }
 
 async fn relay_loop(driver: Weak<Driver>, sock: Rc<UdpSocket>, relay: SocketAddr) {
