@@ -26,4 +26,5 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod net;
+pub mod probe;
 pub mod wire;

@@ -13,8 +13,10 @@ use turnserver::net::{self, Listeners};
 
 /// A TURN/STUN relay server (RFC 8489, RFC 8656).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Configuration file (TOML).
     #[arg(short, long, default_value = "/etc/turnserver.toml")]
     config: PathBuf,
@@ -26,8 +28,18 @@ struct Cli {
     log_level: Option<String>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Checks a TURN server from outside: Binding, Allocate, CreatePermission, ChannelBind and a
+    /// relayed round trip, each step timed; exit code 0 when every step passed.
+    Probe(turnserver::probe::Args),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Probe(args)) = &cli.command {
+        return turnserver::probe::run(args);
+    }
     let cfg = match config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
