@@ -25,6 +25,7 @@
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod net;
 pub mod probe;
 pub mod wire;

@@ -1,15 +1,11 @@
 //! The `turnserver` binary: command line, logging, runtime, signals. The work is in the library.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
 
-use turnserver::config;
-use turnserver::net::{self, Listeners};
+use turnserver::{config, daemon};
 
 /// A TURN/STUN relay server (RFC 8489, RFC 8656).
 #[derive(Parser, Debug)]
@@ -26,6 +22,9 @@ struct Cli {
     /// Log level (error, warn, info, debug, trace), overriding the file's `log-level`.
     #[arg(long)]
     log_level: Option<String>,
+    /// Log format, `text` or `json` (one object per line), overriding the file's `log-format`.
+    #[arg(long)]
+    log_format: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -64,61 +63,21 @@ fn main() -> ExitCode {
         println!("{}", cfg.summary());
         return ExitCode::SUCCESS;
     }
-    let level = cli.log_level.as_deref().unwrap_or(&cfg.log_level);
-    let filter = match EnvFilter::try_new(format!("turnserver={level},warn")) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("turnserver: bad log level {level:?}: {e}");
+    let log_json = match cli.log_format.as_deref() {
+        None => None,
+        Some("json") => Some(true),
+        Some("text") => Some(false),
+        Some(other) => {
+            eprintln!("turnserver: --log-format {other:?} is not \"text\" or \"json\"");
             return ExitCode::FAILURE;
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-
-    let listeners = match Listeners::bind(&cfg) {
-        Ok(l) => l,
-        Err(e) => {
-            error!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(error = %e, "cannot start the runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = tokio::task::LocalSet::new();
-    info!(version = env!("CARGO_PKG_VERSION"), config = %cli.config.display(), "starting");
-    let result = local.block_on(&rt, net::serve(&cfg, listeners, shutdown_signal()));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!(error = %e, "server failed");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot watch SIGTERM");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
-        _ = term.recv() => info!("SIGTERM received"),
-    }
+    daemon::run(
+        daemon::Options {
+            config_path: cli.config,
+            log_level: cli.log_level,
+            log_json,
+        },
+        cfg,
+    )
 }

@@ -226,7 +226,7 @@ fn server_thread_relays_without_allocating() {
     );
     let cfg = turnserver::config::parse(&text).unwrap();
     let listeners = turnserver::net::Listeners::bind(&cfg).unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop, commands) = turnserver::net::control::channel();
     let server = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -237,9 +237,7 @@ fn server_thread_relays_without_allocating() {
         local
             .block_on(
                 &rt,
-                turnserver::net::serve(&cfg, listeners, async {
-                    let _ = stop_rx.await;
-                }),
+                turnserver::net::serve(&cfg, listeners, commands),
             )
             .unwrap();
         TAG.with(|t| t.set(0));
@@ -324,7 +322,7 @@ fn server_thread_relays_without_allocating() {
         "{allocs} allocations on the server thread for 10,000 relayed datagrams"
     );
 
-    let _ = stop_tx.send(());
+    stop.shutdown();
     server.join().unwrap();
     drop(echo);
 }

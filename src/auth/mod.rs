@@ -120,6 +120,12 @@ impl NonceMint {
         mac
     }
 
+    /// Changes how long nonces issued from now on stay valid. Nonces already issued with a
+    /// longer life are then refused as stale (438), and their clients retry with a new one.
+    pub fn set_lifetime(&mut self, lifetime: u32) {
+        self.lifetime = lifetime;
+    }
+
     /// Writes a nonce valid until `now + lifetime` for the client at `client`.
     pub fn issue(&self, now: u64, client: SocketAddr, out: &mut [u8; NONCE_LEN]) {
         let expiry = (now + self.lifetime as u64).min(u32::MAX as u64) as u32;

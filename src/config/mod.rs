@@ -128,6 +128,69 @@ pub struct Config {
     pub software: String,
     /// One of "error", "warn", "info", "debug", "trace" (`log-level`).
     pub log_level: String,
+    /// Log lines as JSON objects rather than text (`log-format = "json"`).
+    pub log_json: bool,
+    /// Where the HTTP listener for metrics and the self-test page binds (`prometheus-ip`,
+    /// `prometheus-port`); `None` when `prometheus-port` is absent.
+    pub prometheus: Option<SocketAddr>,
+}
+
+/// A setting that differs between two configurations and only takes effect on restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartOnly(pub &'static str);
+
+impl Config {
+    /// The keys whose values differ in `new` but that a running server cannot change: the
+    /// listeners, the relay addresses and ports, the certificate paths, turning authentication
+    /// on or off, the metrics listener and the log format. Everything else applies on reload.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<RestartOnly> {
+        let mut keys = Vec::new();
+        let mut differ = |key, changed: bool| {
+            if changed {
+                keys.push(RestartOnly(key));
+            }
+        };
+        differ("listening-ips", self.listening_ips != new.listening_ips);
+        differ("listening-port", self.listening_port != new.listening_port);
+        differ("no-udp", self.no_udp != new.no_udp);
+        differ("no-tcp", self.no_tcp != new.no_tcp);
+        differ(
+            "tls-listening-port",
+            self.tls_listening_port != new.tls_listening_port,
+        );
+        differ("cert / pkey / no-tls", self.tls != new.tls);
+        differ("cert / pkey / no-dtls", self.dtls != new.dtls);
+        differ("relay-ips", self.relay_ips != new.relay_ips);
+        differ("external-ip", self.external_ips != new.external_ips);
+        differ("min-port", self.min_port != new.min_port);
+        differ("max-port", self.max_port != new.max_port);
+        differ("lt-cred-mech / no-auth", self.auth != new.auth);
+        differ(
+            "prometheus-ip / prometheus-port",
+            self.prometheus != new.prometheus,
+        );
+        differ("log-format", self.log_json != new.log_json);
+        keys
+    }
+
+    /// Takes the settings listed by [`Config::restart_only_changes`] (but authentication on or
+    /// off, which a reload refuses) from `running`, so that this configuration describes what a
+    /// running server does after applying it.
+    pub fn keep_restart_only(&mut self, running: &Config) {
+        self.listening_ips = running.listening_ips.clone();
+        self.listening_port = running.listening_port;
+        self.no_udp = running.no_udp;
+        self.no_tcp = running.no_tcp;
+        self.tls_listening_port = running.tls_listening_port;
+        self.tls = running.tls.clone();
+        self.dtls = running.dtls.clone();
+        self.relay_ips = running.relay_ips.clone();
+        self.external_ips = running.external_ips.clone();
+        self.min_port = running.min_port;
+        self.max_port = running.max_port;
+        self.prometheus = running.prometheus;
+        self.log_json = running.log_json;
+    }
 }
 
 /// Default `listening-port`: the IANA STUN/TURN port.
@@ -404,6 +467,9 @@ struct RawConfig {
     idle_connection_timeout: Option<Spanned<u32>>,
     software: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    log_format: Option<Spanned<String>>,
+    prometheus_port: Option<Spanned<u16>>,
+    prometheus_ip: Option<Spanned<String>>,
 }
 
 /// Builds validation errors that carry the line of the offending value.
@@ -846,6 +912,45 @@ impl RawConfig {
             ));
         }
 
+        let log_json = match self.log_format.as_ref().map(|f| f.get_ref().as_str()) {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                return Err(check.error(
+                    "log-format",
+                    span_of(&self.log_format),
+                    format!("log-format {other:?} is not \"text\" or \"json\""),
+                ));
+            }
+        };
+        let prometheus = match &self.prometheus_port {
+            None => None,
+            Some(port) if *port.get_ref() == 0 => {
+                return Err(check.error(
+                    "prometheus-port",
+                    Some(port.span()),
+                    "prometheus-port is 0; leave the key out to turn the metrics listener off"
+                        .into(),
+                ));
+            }
+            Some(port) => {
+                let ip = match &self.prometheus_ip {
+                    Some(ip) => check.ip("prometheus-ip", ip)?,
+                    None => IpAddr::from([127, 0, 0, 1]),
+                };
+                Some(SocketAddr::new(ip, *port.get_ref()))
+            }
+        };
+        if prometheus.is_none() && self.prometheus_ip.is_some() {
+            return Err(check.error(
+                "prometheus-ip",
+                span_of(&self.prometheus_ip),
+                "prometheus-ip is set but prometheus-port is not; set the port to turn the \
+                 metrics listener on"
+                    .into(),
+            ));
+        }
+
         Ok(Config {
             listening_ips,
             listening_port,
@@ -878,6 +983,8 @@ impl RawConfig {
             idle_connection_timeout,
             software,
             log_level,
+            log_json,
+            prometheus,
         })
     }
 
@@ -1187,7 +1294,20 @@ impl Config {
         } else {
             let _ = writeln!(out, "software: {}", self.software);
         }
-        let _ = writeln!(out, "log level: {}", self.log_level);
+        let _ = writeln!(
+            out,
+            "log level: {} ({})",
+            self.log_level,
+            if self.log_json { "json" } else { "text" }
+        );
+        match self.prometheus {
+            Some(addr) => {
+                let _ = writeln!(out, "metrics and self-test page: http://{addr}/");
+            }
+            None => {
+                let _ = writeln!(out, "metrics: off (no prometheus-port)");
+            }
+        }
         out
     }
 }
@@ -1457,6 +1577,9 @@ bob = "b"
             "idle-connection-timeout",
             "software",
             "log-level",
+            "log-format",
+            "prometheus-port",
+            "prometheus-ip",
         ] {
             let assignment = format!("{key} =");
             let present = EXAMPLE.lines().any(|line| {

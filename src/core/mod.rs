@@ -39,7 +39,9 @@ use crate::wire::{
 
 pub use policy::{Cidr, PeerPolicy};
 pub use ports::PortPool;
-pub use stats::{COUNTED_ERRORS, COUNTED_METHODS, Drop, EndReason, Stats};
+pub use stats::{
+    COUNTED_ERRORS, COUNTED_METHODS, Drop, EndReason, Flow, OUTCOMES, Stats, TRANSPORTS,
+};
 
 /// Permission lifetime (RFC 8656 9).
 pub const PERMISSION_LIFETIME: Duration = Duration::from_secs(300);
@@ -84,6 +86,11 @@ impl Transport {
     /// Stream transports carry ChannelData padded to a multiple of four (RFC 8656 12.5).
     pub fn is_stream(self) -> bool {
         matches!(self, Transport::Tcp | Transport::Tls)
+    }
+
+    /// Transports with a per-client connection or association (all but plain UDP).
+    pub fn is_connection(self) -> bool {
+        self != Transport::Udp
     }
 }
 
@@ -583,8 +590,7 @@ impl Server {
         if !self.within_budget(slot, 0, len, now) {
             return self.dropped(Drop::Bandwidth);
         }
-        self.stats.to_peer_packets += 1;
-        self.stats.to_peer_bytes += len as u64;
+        self.stats.relayed_to_peer(client.transport, len);
         ClientAction::Forward {
             relay,
             peer,
@@ -660,7 +666,7 @@ impl Server {
         if n > 0 {
             return self.unknown_attributes(client, msg, out, None, &unknown[..n]);
         }
-        self.stats.success_responses += 1;
+        self.stats.response(Method::BINDING, None);
         self.respond(out, msg, None, None, |w| {
             w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, client.remote)
                 .add_address(AttrType::MAPPED_ADDRESS, client.remote);
@@ -715,7 +721,7 @@ impl Server {
         txid: &TransactionId,
         code: ErrorCode,
     ) -> ClientAction {
-        self.stats.error(code.0);
+        self.stats.response(method, Some(code.0));
         let mut w = MessageWriter::new(out, method, Class::Error, txid);
         w.add_error(code);
         if self.cfg.fingerprint {
@@ -733,7 +739,7 @@ impl Server {
         auth: Option<&Auth>,
         (code, reason): Refused,
     ) -> ClientAction {
-        self.stats.error(code.0);
+        self.stats.response(req.method(), Some(code.0));
         info!(%client, method = req.method().name(), code = code.0, reason, "request refused");
         self.respond(out, req, Some(code), auth, |_| {})
     }
@@ -747,7 +753,7 @@ impl Server {
         unknown: &[u16],
     ) -> ClientAction {
         let code = ErrorCode::UNKNOWN_ATTRIBUTE;
-        self.stats.error(code.0);
+        self.stats.response(req.method(), Some(code.0));
         info!(%client, method = req.method().name(), code = code.0, ?unknown, "request refused: unknown comprehension-required attributes");
         self.respond(out, req, Some(code), auth, |w| {
             w.add_unknown_attributes(unknown);
@@ -768,7 +774,7 @@ impl Server {
         if !self.challenges.allow(client.remote.ip(), now) {
             return self.dropped(Drop::RateLimited);
         }
-        self.stats.error(code.0);
+        self.stats.response(req.method(), Some(code.0));
         let mut nonce = [0u8; NONCE_LEN];
         self.nonces.issue(self.secs(now), client.remote, &mut nonce);
         let method = req.method().name();
@@ -898,7 +904,7 @@ impl Server {
         match result {
             Err(refused) => self.refuse(client, msg, out, auth.as_ref(), refused),
             Ok(success) => {
-                self.stats.success_responses += 1;
+                self.stats.response(msg.method(), None);
                 self.respond(out, msg, None, auth.as_ref(), |w| match success {
                     Success::Allocate {
                         relayed,
@@ -1478,8 +1484,7 @@ impl Server {
         if !self.within_budget(slot, 0, payload.len(), now) {
             return self.dropped(Drop::Bandwidth);
         }
-        self.stats.to_peer_packets += 1;
-        self.stats.to_peer_bytes += payload.len() as u64;
+        self.stats.relayed_to_peer(client.transport, payload.len());
         ClientAction::Forward {
             relay,
             peer,
@@ -1550,8 +1555,7 @@ impl Server {
             self.prf.fill(&mut txid.0);
             write_data_indication(buf, payload, peer, &txid)
         };
-        self.stats.to_client_packets += 1;
-        self.stats.to_client_bytes += len as u64;
+        self.stats.relayed_to_client(client.transport, len);
         PeerAction::Forward { client, range }
     }
 
@@ -1610,6 +1614,46 @@ impl Server {
         if let Some(&slot) = self.by_client.get(&client) {
             self.remove(slot, EndReason::ConnectionClosed, relays);
         }
+    }
+
+    /// Applies a new configuration to the running server, keeping every allocation. The relay
+    /// addresses, their advertised addresses and the port range cannot change (they are what
+    /// the allocations are bound to): those of `new` are ignored and named in the result.
+    /// Permissions for peers the new peer rules refuse are withdrawn at once; data to and
+    /// from those peers is dropped from then on, also on bound channels.
+    pub fn reconfigure(&mut self, mut new: ServerConfig) -> Vec<&'static str> {
+        let mut ignored = Vec::new();
+        if new.relay_ips != self.cfg.relay_ips {
+            ignored.push("relay-ips");
+        }
+        if new.external_ips != self.cfg.external_ips {
+            ignored.push("external-ip");
+        }
+        if (new.min_port, new.max_port) != (self.cfg.min_port, self.cfg.max_port) {
+            ignored.push("min-port / max-port");
+        }
+        new.relay_ips = std::mem::take(&mut self.cfg.relay_ips);
+        new.external_ips = std::mem::take(&mut self.cfg.external_ips);
+        new.min_port = self.cfg.min_port;
+        new.max_port = self.cfg.max_port;
+        self.policy.allow_loopback = new.allow_loopback_peers;
+        self.policy.allowed = new.allowed_peers.clone();
+        self.policy.denied = new.denied_peers.clone();
+        self.nonces.set_lifetime(new.stale_nonce);
+        self.cfg = new;
+        let policy = &self.policy;
+        for a in self.allocs.iter_mut().flatten() {
+            a.perms.retain(|p| policy.check(p.ip).is_ok());
+        }
+        ignored
+    }
+
+    /// Permissions and channel bindings held now, over every allocation (for metrics: walks
+    /// the allocations).
+    pub fn permission_and_channel_count(&self) -> (usize, usize) {
+        self.allocs.iter().flatten().fold((0, 0), |(p, c), a| {
+            (p + a.perms.len(), c + a.channels.len())
+        })
     }
 
     /// Deletes every allocation (at shutdown).

@@ -1,6 +1,7 @@
 //! Counters kept by the core: plain integers, bumped on the path that counts them and read by
 //! whoever exports them. No lock, no label lookup.
 
+use super::Transport;
 use crate::wire::Method;
 
 /// Why an input was dropped without an answer.
@@ -79,6 +80,11 @@ pub enum EndReason {
 
 impl EndReason {
     pub const COUNT: usize = 3;
+    pub const ALL: [EndReason; EndReason::COUNT] = [
+        EndReason::Expired,
+        EndReason::Refreshed0,
+        EndReason::ConnectionClosed,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -100,60 +106,143 @@ pub const COUNTED_METHODS: [Method; 7] = [
     Method(0),
 ];
 
-/// Error codes counted by [`Stats::errors`], in index order (the last slot counts any other).
+/// Error codes counted by [`Stats::responses`], in index order after the success slot (the
+/// last slot counts any other code).
 pub const COUNTED_ERRORS: [u16; 14] = [
     300, 400, 401, 403, 420, 437, 438, 440, 441, 442, 443, 486, 508, 0,
 ];
+
+/// Outcome slots of [`Stats::responses`]: success, then each of [`COUNTED_ERRORS`].
+pub const OUTCOMES: usize = 1 + COUNTED_ERRORS.len();
+
+/// Transports in the index order of [`Stats::to_peer`] and [`Stats::to_client`].
+pub const TRANSPORTS: [Transport; 4] = [
+    Transport::Udp,
+    Transport::Tcp,
+    Transport::Tls,
+    Transport::Dtls,
+];
+
+/// Packets and payload bytes relayed in one direction over one client transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub packets: u64,
+    pub bytes: u64,
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     /// Requests and indications received, by method (see [`COUNTED_METHODS`]).
     pub requests: [u64; 7],
-    /// Error responses sent, by code (see [`COUNTED_ERRORS`]).
-    pub errors: [u64; 14],
-    pub success_responses: u64,
+    /// Responses sent, by method and outcome: slot 0 success, slot `i + 1` the error code
+    /// `COUNTED_ERRORS[i]`.
+    pub responses: [[u64; OUTCOMES]; 7],
     pub drops: [u64; Drop::COUNT],
     pub allocations_created: u64,
     pub allocations_ended: [u64; EndReason::COUNT],
     pub permissions_created: u64,
     pub channels_bound: u64,
-    pub to_peer_packets: u64,
-    pub to_peer_bytes: u64,
-    pub to_client_packets: u64,
-    pub to_client_bytes: u64,
+    /// Relayed from clients to peers, by the client's transport (see [`TRANSPORTS`]).
+    pub to_peer: [Flow; 4],
+    /// Relayed from peers to clients, by the client's transport.
+    pub to_client: [Flow; 4],
     /// Requests refused for bad credentials (401 with MESSAGE-INTEGRITY present).
     pub auth_failures: u64,
 }
 
+fn method_index(m: Method) -> usize {
+    COUNTED_METHODS[..6]
+        .iter()
+        .position(|x| *x == m)
+        .unwrap_or(6)
+}
+
+fn error_index(code: u16) -> usize {
+    COUNTED_ERRORS[..13]
+        .iter()
+        .position(|x| *x == code)
+        .unwrap_or(13)
+}
+
 impl Stats {
     pub(crate) fn request(&mut self, m: Method) {
-        let i = COUNTED_METHODS[..6]
-            .iter()
-            .position(|x| *x == m)
-            .unwrap_or(6);
-        self.requests[i] += 1;
+        self.requests[method_index(m)] += 1;
     }
 
-    pub(crate) fn error(&mut self, code: u16) {
-        let i = COUNTED_ERRORS[..13]
-            .iter()
-            .position(|x| *x == code)
-            .unwrap_or(13);
-        self.errors[i] += 1;
+    /// Counts a response to a request of method `m`: `None` for success, else the error code.
+    pub(crate) fn response(&mut self, m: Method, error: Option<u16>) {
+        let outcome = error.map_or(0, |code| 1 + error_index(code));
+        self.responses[method_index(m)][outcome] += 1;
     }
 
     pub(crate) fn drop(&mut self, d: Drop) {
         self.drops[d as usize] += 1;
     }
 
+    #[inline]
+    pub(crate) fn relayed_to_peer(&mut self, t: Transport, bytes: usize) {
+        let f = &mut self.to_peer[t as usize];
+        f.packets += 1;
+        f.bytes += bytes as u64;
+    }
+
+    #[inline]
+    pub(crate) fn relayed_to_client(&mut self, t: Transport, bytes: usize) {
+        let f = &mut self.to_client[t as usize];
+        f.packets += 1;
+        f.bytes += bytes as u64;
+    }
+
     pub fn dropped(&self, d: Drop) -> u64 {
         self.drops[d as usize]
     }
 
+    /// Error responses with `code`, whatever the method.
     pub fn errors_with(&self, code: u16) -> u64 {
         COUNTED_ERRORS[..13]
             .iter()
             .position(|x| *x == code)
-            .map_or(0, |i| self.errors[i])
+            .map_or(0, |i| self.responses.iter().map(|m| m[i + 1]).sum())
+    }
+
+    /// Success responses, whatever the method.
+    pub fn success_responses(&self) -> u64 {
+        self.responses.iter().map(|m| m[0]).sum()
+    }
+
+    /// Packets relayed toward peers over every transport.
+    pub fn to_peer_packets(&self) -> u64 {
+        self.to_peer.iter().map(|f| f.packets).sum()
+    }
+
+    /// Packets relayed toward clients over every transport.
+    pub fn to_client_packets(&self) -> u64 {
+        self.to_client.iter().map(|f| f.packets).sum()
+    }
+
+    /// Adds `other`'s counts to these (for the total over several shards).
+    pub fn add(&mut self, other: &Stats) {
+        fn sum(a: &mut [u64], b: &[u64]) {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+        sum(&mut self.requests, &other.requests);
+        for (a, b) in self.responses.iter_mut().zip(&other.responses) {
+            sum(a, b);
+        }
+        sum(&mut self.drops, &other.drops);
+        self.allocations_created += other.allocations_created;
+        sum(&mut self.allocations_ended, &other.allocations_ended);
+        self.permissions_created += other.permissions_created;
+        self.channels_bound += other.channels_bound;
+        for (a, b) in self
+            .to_peer
+            .iter_mut()
+            .zip(&other.to_peer)
+            .chain(self.to_client.iter_mut().zip(&other.to_client))
+        {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+        }
+        self.auth_failures += other.auth_failures;
     }
 }

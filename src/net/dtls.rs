@@ -26,8 +26,8 @@ use tracing::{debug, warn};
 use webrtc_util::conn::conn_udp_listener::ListenConfig;
 use webrtc_util::conn::{Conn, Listener};
 
-use super::Driver;
 use super::tls::CertStore;
+use super::{Driver, bump};
 use crate::config::TlsFiles;
 use crate::core::{ClientId, Transport};
 
@@ -102,15 +102,23 @@ pub struct DtlsConn {
 }
 
 impl DtlsConn {
-    /// Queues one datagram; dropped (and counted) when the queue is full.
-    pub fn send(&self, datagram: &[u8]) {
+    /// Queues one datagram; dropped (and counted) when the queue is full. Returns whether it
+    /// was queued.
+    pub fn send(&self, datagram: &[u8]) -> bool {
         let mut q = self.queue.borrow_mut();
         if self.closed.get() || q.len() + datagram.len() + 2 > MAX_QUEUED {
             self.dropped.set(self.dropped.get() + 1);
-            return;
+            return false;
         }
         q.extend_from_slice(&(datagram.len() as u16).to_be_bytes());
         q.extend_from_slice(datagram);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Stops sending.
+    pub(super) fn close(&self) {
+        self.closed.set(true);
         self.notify.notify_one();
     }
 }
@@ -124,7 +132,12 @@ fn handshake_filter(packet: &[u8]) -> Pin<Box<dyn std::future::Future<Output = b
 
 /// Accepts DTLS associations on `local` until the task is aborted. Each handshake uses the
 /// certificate current in `certs` when it starts.
-pub(super) async fn accept_loop(driver: Rc<Driver>, local: SocketAddr, certs: Arc<CertStore>) {
+pub(super) async fn accept_loop(
+    driver: Rc<Driver>,
+    local: SocketAddr,
+    idx: usize,
+    certs: Arc<CertStore>,
+) {
     let listener = match (ListenConfig {
         accept_filter: Some(Box::new(handshake_filter)),
         ..Default::default()
@@ -138,7 +151,6 @@ pub(super) async fn accept_loop(driver: Rc<Driver>, local: SocketAddr, certs: Ar
             return;
         }
     };
-    let idle = Duration::from_secs(u64::from(driver.server.borrow().config().max_lifetime) + 60);
     loop {
         match listener.accept().await {
             Ok((conn, remote)) => {
@@ -150,7 +162,16 @@ pub(super) async fn accept_loop(driver: Rc<Driver>, local: SocketAddr, certs: Ar
                 let Some(config) = certs.dtls_config() else {
                     return;
                 };
-                tokio::task::spawn_local(association(driver.clone(), conn, client, config, idle));
+                bump(&driver.listeners[idx].accepted, 1);
+                let idle = driver.idle_with_allocation.get();
+                tokio::task::spawn_local(association(
+                    driver.clone(),
+                    conn,
+                    client,
+                    idx,
+                    config,
+                    idle,
+                ));
             }
             Err(e) => {
                 warn!(%local, error = %e, "dtls listener stopped");
@@ -164,6 +185,7 @@ async fn association(
     driver: Rc<Driver>,
     conn: Arc<dyn Conn + Send + Sync>,
     client: ClientId,
+    listener: usize,
     config: DtlsConfig,
     idle: Duration,
 ) {
@@ -194,15 +216,20 @@ async fn association(
     let key = (client.remote, client.local);
     driver.dtls.borrow_mut().insert(key, out.clone());
     let writer_task = tokio::task::spawn_local(writer(dtls.clone(), out.clone()));
+    let open = &driver.open[Transport::Dtls as usize];
+    bump(open, 1);
     debug!(%client, "dtls association opened");
 
     let mut buf = vec![0u8; 65_536];
     let reason = loop {
         match tokio::time::timeout(idle, dtls.recv(&mut buf)).await {
             Ok(Ok(n)) => {
+                driver.listeners[listener].count(n);
                 let now = Instant::now();
                 let mut bufs = driver.bufs.borrow_mut();
-                driver.client_input(now, client, &buf[..n], &mut bufs.reply, |r| out.send(r));
+                driver.client_input(now, client, &buf[..n], &mut bufs.reply, |r| {
+                    out.send(r);
+                });
             }
             Ok(Err(_)) => break "closed",
             Err(_) => break "idle",
@@ -212,6 +239,7 @@ async fn association(
         }
     };
 
+    open.set(open.get().saturating_sub(1));
     debug!(%client, reason, dropped = out.dropped.get(), "dtls association closed");
     out.closed.set(true);
     out.notify.notify_one();

@@ -10,6 +10,7 @@
 //! an allocation. Sends are non-blocking too: a UDP send that would block drops the datagram
 //! (as a full network would); a TCP send that would block queues whole frames up to a bound.
 
+pub mod control;
 pub mod dtls;
 mod stream;
 pub mod tls;
@@ -34,6 +35,7 @@ use crate::core::{
 };
 use crate::wire::{HEADROOM, TAILROOM};
 
+pub use control::{Command, Commands, Handle, ListenerStats, Snapshot};
 pub use stream::StreamConn;
 use tls::CertStore;
 
@@ -151,6 +153,51 @@ impl RelaySockets for RelayTable {
     }
 }
 
+/// Counters of one listening socket, bumped on its receive and accept paths.
+struct ListenerCounters {
+    transport: Transport,
+    addr: SocketAddr,
+    received: Cell<u64>,
+    received_bytes: Cell<u64>,
+    accepted: Cell<u64>,
+    refused: Cell<u64>,
+}
+
+impl ListenerCounters {
+    fn new(transport: Transport, addr: SocketAddr) -> Self {
+        ListenerCounters {
+            transport,
+            addr,
+            received: Cell::new(0),
+            received_bytes: Cell::new(0),
+            accepted: Cell::new(0),
+            refused: Cell::new(0),
+        }
+    }
+
+    #[inline]
+    fn count(&self, bytes: usize) {
+        bump(&self.received, 1);
+        bump(&self.received_bytes, bytes as u64);
+    }
+
+    fn stats(&self) -> ListenerStats {
+        ListenerStats {
+            transport: self.transport,
+            addr: self.addr,
+            received: self.received.get(),
+            received_bytes: self.received_bytes.get(),
+            accepted: self.accepted.get(),
+            refused: self.refused.get(),
+        }
+    }
+}
+
+#[inline]
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
 /// Everything one thread needs to serve: the core, the sockets, the buffers.
 pub struct Driver {
     server: RefCell<Server>,
@@ -162,35 +209,69 @@ pub struct Driver {
     dtls: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<dtls::DtlsConn>>>,
     /// Open TCP and TLS connections (handshakes included), and the most allowed.
     connections: Cell<usize>,
-    max_connections: usize,
-    /// Connections closed at accept because `max-connections` was reached.
-    refused_connections: Cell<u64>,
+    max_connections: Cell<usize>,
     /// How long a stream connection whose client holds an allocation may stay silent.
-    idle_with_allocation: Duration,
+    idle_with_allocation: Cell<Duration>,
     /// How long one whose client holds none may.
-    idle_without_allocation: Duration,
+    idle_without_allocation: Cell<Duration>,
+    /// Every listening socket's counters; tasks know their listener by index.
+    listeners: Vec<ListenerCounters>,
+    /// Established connections (TCP, TLS) and associations (DTLS), by transport.
+    open: [Cell<u64>; 4],
+    /// Frames to clients dropped on a full socket buffer or send queue, by transport.
+    send_dropped: [Cell<u64>; 4],
     bufs: RefCell<Buffers>,
 }
 
 impl Driver {
     /// Sends a relayed frame to a client over the transport it came in on.
     fn send_to_client(&self, client: &ClientId, bytes: &[u8]) {
-        match client.transport {
-            Transport::Udp => {
-                if let Some((_, s)) = self.udp.iter().find(|(a, _)| *a == client.local) {
-                    let _ = send_udp(s, bytes, client.remote);
-                }
-            }
-            Transport::Tcp | Transport::Tls => {
-                if let Some(c) = self.streams.borrow().get(&(client.remote, client.local)) {
-                    c.send(bytes);
-                }
-            }
-            Transport::Dtls => {
-                if let Some(c) = self.dtls.borrow().get(&(client.remote, client.local)) {
-                    c.send(bytes);
-                }
-            }
+        let sent = match client.transport {
+            Transport::Udp => self
+                .udp
+                .iter()
+                .find(|(a, _)| *a == client.local)
+                .is_none_or(|(_, s)| send_udp(s, bytes, client.remote).is_ok()),
+            Transport::Tcp | Transport::Tls => self
+                .streams
+                .borrow()
+                .get(&(client.remote, client.local))
+                .is_none_or(|c| c.send(bytes)),
+            Transport::Dtls => self
+                .dtls
+                .borrow()
+                .get(&(client.remote, client.local))
+                .is_none_or(|c| c.send(bytes)),
+        };
+        if !sent {
+            bump(&self.send_dropped[client.transport as usize], 1);
+        }
+    }
+
+    /// Applies the reloadable settings of `cfg`; returns those left as they were.
+    fn reconfigure(&self, cfg: &Config) -> Vec<&'static str> {
+        let ignored = self.server.borrow_mut().reconfigure(server_config(cfg));
+        self.max_connections.set(cfg.max_connections as usize);
+        self.idle_with_allocation.set(idle_with_allocation(cfg));
+        self.idle_without_allocation
+            .set(Duration::from_secs(u64::from(cfg.idle_connection_timeout)));
+        ignored
+    }
+
+    /// Copies the counters and gauges.
+    fn snapshot(&self) -> Snapshot {
+        let server = self.server.borrow();
+        let (permissions, channels) = server.permission_and_channel_count();
+        Snapshot {
+            core: server.stats().clone(),
+            allocations: server.allocation_count() as u64,
+            permissions: permissions as u64,
+            channels: channels as u64,
+            relay_ports_used: server.ports_in_use() as u64,
+            relay_ports: server.port_capacity() as u64,
+            listeners: self.listeners.iter().map(ListenerCounters::stats).collect(),
+            open_connections: std::array::from_fn(|i| self.open[i].get()),
+            send_dropped: std::array::from_fn(|i| self.send_dropped[i].get()),
         }
     }
 
@@ -226,13 +307,15 @@ impl Driver {
     }
 
     /// Returns `true` if the batch was used up (more may be waiting).
-    fn drain_udp_listener(&self, sock: &UdpSocket, local: SocketAddr) -> bool {
+    fn drain_udp_listener(&self, sock: &UdpSocket, local: SocketAddr, idx: usize) -> bool {
         let mut bufs = self.bufs.borrow_mut();
         let Buffers { input, reply } = &mut *bufs;
         let now = Instant::now();
+        let counters = &self.listeners[idx];
         for _ in 0..BATCH {
             match sock.try_recv_from(&mut input[..MAX_DATAGRAM]) {
                 Ok((n, remote)) => {
+                    counters.count(n);
                     let client = ClientId {
                         transport: Transport::Udp,
                         remote,
@@ -303,36 +386,37 @@ async fn relay_loop(driver: Weak<Driver>, sock: Rc<UdpSocket>, relay: SocketAddr
     }
 }
 
-async fn udp_listener_loop(driver: Rc<Driver>, idx: usize) {
-    let (local, sock) = driver.udp[idx].clone();
+/// Receives on the UDP listener `udp` (an index into the driver's UDP sockets), counted as
+/// listener `idx`.
+async fn udp_listener_loop(driver: Rc<Driver>, udp: usize, idx: usize) {
+    let (local, sock) = driver.udp[udp].clone();
     loop {
         if let Err(e) = sock.readable().await {
             warn!(%local, error = %e, "udp listener failed");
             return;
         }
-        if driver.drain_udp_listener(&sock, local) {
+        if driver.drain_udp_listener(&sock, local, idx) {
             tokio::task::yield_now().await;
         }
     }
 }
 
-/// Reloads the TLS certificate on SIGHUP, and when its files change (checked every few
-/// seconds), so that renewed certificates are picked up without a restart.
+/// Reloads the TLS certificate when its files change (checked every few seconds), so that
+/// renewed certificates are picked up without a restart. (SIGHUP reloads them too: see the
+/// binary's signal handling.)
 async fn watch_certificates(certs: Arc<CertStore>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())
-        .map_err(|e| warn!(error = %e, "cannot watch SIGHUP; certificates reload on change only"))
-        .ok();
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        tokio::select! {
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                certs.reload_logged("SIGHUP");
-            }
-            _ = tick.tick() => certs.reload_if_changed(),
-        }
+        tick.tick().await;
+        certs.reload_if_changed();
     }
+}
+
+/// How long a stream connection or DTLS association whose client holds an allocation may stay
+/// silent: longer than any allocation lifetime, since a Refresh comes within one.
+fn idle_with_allocation(cfg: &Config) -> Duration {
+    Duration::from_secs(u64::from(cfg.max_allocate_lifetime) + 60)
 }
 
 async fn timer_loop(driver: Rc<Driver>) {
@@ -397,6 +481,11 @@ fn bind_tcp(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, Strin
 }
 
 impl Listeners {
+    /// The certificate store for TLS and DTLS, when either is on (to reload it on SIGHUP).
+    pub fn certificates(&self) -> Option<Arc<CertStore>> {
+        self.certs.clone()
+    }
+
     /// Binds every listener of the configuration, or fails naming the address.
     pub fn bind(cfg: &Config) -> Result<Self, String> {
         let mut l = Listeners {
@@ -439,12 +528,16 @@ impl Listeners {
     }
 }
 
-/// Serves until `shutdown` completes. Must run inside a `LocalSet` on a current-thread runtime.
-pub async fn serve(
-    cfg: &Config,
-    listeners: Listeners,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> io::Result<()> {
+/// How long shutdown waits for stream connections to flush and close (a TLS close_notify).
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Serves until a [`Command::Shutdown`] arrives (or every [`Handle`] is dropped), answering the
+/// other commands between packets. Must run inside a `LocalSet` on a current-thread runtime.
+///
+/// Shutdown closes the listening sockets first (new TCP connections are refused, UDP listeners
+/// are no longer read), then deletes every allocation (relay sockets close), then closes every
+/// connection, waiting at most [`CLOSE_GRACE`] for their last writes.
+pub async fn serve(cfg: &Config, listeners: Listeners, mut commands: Commands) -> io::Result<()> {
     let mut secret = [0u8; 32];
     getrandom::fill(&mut secret).map_err(|e| io::Error::other(e.to_string()))?;
     let mut seed = [0u8; 8];
@@ -455,10 +548,29 @@ pub async fn serve(
         u64::from_le_bytes(seed),
         Instant::now(),
     );
+    let mut counters = Vec::new();
     let mut udp = Vec::new();
     for s in listeners.udp {
         let local = s.local_addr()?;
+        counters.push(ListenerCounters::new(Transport::Udp, local));
         udp.push((local, Rc::new(UdpSocket::from_std(s)?)));
+    }
+    let mut tcp = Vec::new();
+    for s in listeners.tcp {
+        let l = tokio::net::TcpListener::from_std(s)?;
+        counters.push(ListenerCounters::new(Transport::Tcp, l.local_addr()?));
+        tcp.push((counters.len() - 1, l));
+    }
+    let mut tls = Vec::new();
+    for s in listeners.tls {
+        let l = tokio::net::TcpListener::from_std(s)?;
+        counters.push(ListenerCounters::new(Transport::Tls, l.local_addr()?));
+        tls.push((counters.len() - 1, l));
+    }
+    let mut dtls = Vec::new();
+    for local in listeners.dtls {
+        counters.push(ListenerCounters::new(Transport::Dtls, local));
+        dtls.push((counters.len() - 1, local));
     }
     let span = (cfg.max_port - cfg.min_port) as usize + 1;
     let driver = Rc::new_cyclic(|me| Driver {
@@ -472,40 +584,44 @@ pub async fn serve(
         streams: RefCell::new(HashMap::new()),
         dtls: RefCell::new(HashMap::new()),
         connections: Cell::new(0),
-        max_connections: cfg.max_connections as usize,
-        refused_connections: Cell::new(0),
-        idle_with_allocation: Duration::from_secs(u64::from(cfg.max_allocate_lifetime) + 60),
-        idle_without_allocation: Duration::from_secs(u64::from(cfg.idle_connection_timeout)),
+        max_connections: Cell::new(cfg.max_connections as usize),
+        idle_with_allocation: Cell::new(idle_with_allocation(cfg)),
+        idle_without_allocation: Cell::new(Duration::from_secs(u64::from(
+            cfg.idle_connection_timeout,
+        ))),
+        listeners: counters,
+        open: Default::default(),
+        send_dropped: Default::default(),
         bufs: RefCell::new(Buffers {
             input: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
             reply: vec![0u8; REPLY_BUF].into_boxed_slice(),
         }),
     });
 
-    let mut tasks = JoinSet::new();
+    // Tasks that take in new work (closed first at shutdown), and the rest.
+    let mut accepting = JoinSet::new();
+    let mut background = JoinSet::new();
     for (i, (local, _)) in driver.udp.iter().enumerate() {
         info!(listener = %local, transport = "udp", "listening");
-        tasks.spawn_local(udp_listener_loop(driver.clone(), i));
+        accepting.spawn_local(udp_listener_loop(driver.clone(), i, i));
     }
-    for s in listeners.tcp {
-        let l = tokio::net::TcpListener::from_std(s)?;
+    for (idx, l) in tcp {
         info!(listener = %l.local_addr()?, transport = "tcp", "listening");
-        tasks.spawn_local(stream::accept_tcp(driver.clone(), l));
+        accepting.spawn_local(stream::accept_tcp(driver.clone(), l, idx));
     }
     if let Some(certs) = &listeners.certs {
-        if !listeners.tls.is_empty() {
+        if !tls.is_empty() {
             let acceptor = TlsAcceptor::from(certs.server_config().map_err(io::Error::other)?);
-            for s in listeners.tls {
-                let l = tokio::net::TcpListener::from_std(s)?;
+            for (idx, l) in tls {
                 info!(listener = %l.local_addr()?, transport = "tls", "listening");
-                tasks.spawn_local(stream::accept_tls(driver.clone(), l, acceptor.clone()));
+                accepting.spawn_local(stream::accept_tls(driver.clone(), l, idx, acceptor.clone()));
             }
         }
-        for local in listeners.dtls {
+        for (idx, local) in dtls {
             info!(listener = %local, transport = "dtls", "listening");
-            tasks.spawn_local(dtls::accept_loop(driver.clone(), local, certs.clone()));
+            accepting.spawn_local(dtls::accept_loop(driver.clone(), local, idx, certs.clone()));
         }
-        tasks.spawn_local(watch_certificates(certs.clone()));
+        background.spawn_local(watch_certificates(certs.clone()));
     }
     info!(
         relay_ips = ?cfg.relay_ips,
@@ -513,12 +629,45 @@ pub async fn serve(
         max_port = cfg.max_port,
         "relay ports"
     );
-    tasks.spawn_local(timer_loop(driver.clone()));
+    background.spawn_local(timer_loop(driver.clone()));
 
-    shutdown.await;
-    info!("shutting down");
-    tasks.abort_all();
-    let mut relays = driver.relays.borrow_mut();
-    driver.server.borrow_mut().close_all(&mut *relays);
+    loop {
+        match commands.recv().await {
+            Some(Command::Reconfigure(cfg, done)) => {
+                let _ = done.send(driver.reconfigure(&cfg));
+            }
+            Some(Command::Snapshot(out)) => {
+                let _ = out.send(driver.snapshot());
+            }
+            Some(Command::Ping(out)) => {
+                let _ = out.send(());
+            }
+            Some(Command::Shutdown) | None => break,
+        }
+    }
+
+    let started = Instant::now();
+    accepting.abort_all();
+    while accepting.join_next().await.is_some() {}
+    let allocations = driver.server.borrow().allocation_count();
+    {
+        let mut relays = driver.relays.borrow_mut();
+        driver.server.borrow_mut().close_all(&mut *relays);
+    }
+    background.abort_all();
+    let conns: Vec<Rc<StreamConn>> = driver.streams.borrow().values().cloned().collect();
+    let associations: Vec<Rc<dtls::DtlsConn>> = driver.dtls.borrow().values().cloned().collect();
+    conns.iter().for_each(|c| c.close());
+    associations.iter().for_each(|c| c.close());
+    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    while conns.iter().any(|c| !c.finished()) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    info!(
+        allocations,
+        connections = conns.len() + associations.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "stopped: listeners closed, allocations deleted, connections closed"
+    );
     Ok(())
 }

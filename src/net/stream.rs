@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, warn};
 
-use super::Driver;
+use super::{Driver, bump};
 use crate::core::{ClientId, Transport};
 use crate::wire::{Frame, frame_len};
 
@@ -43,6 +43,8 @@ pub struct StreamConn {
     queue: RefCell<Vec<u8>>,
     notify: Notify,
     closed: Cell<bool>,
+    /// Set when the writer task has ended (after its TLS close_notify, if any).
+    finished: Cell<bool>,
     dropped: Cell<u64>,
 }
 
@@ -53,15 +55,16 @@ impl StreamConn {
             queue: RefCell::new(Vec::new()),
             notify: Notify::new(),
             closed: Cell::new(false),
+            finished: Cell::new(false),
             dropped: Cell::new(0),
         }
     }
 
     /// Sends a whole frame: written now if possible, else queued; dropped (and counted) if the
-    /// queue is full.
-    pub fn send(&self, frame: &[u8]) {
+    /// queue is full. Returns whether the frame was written or queued.
+    pub fn send(&self, frame: &[u8]) -> bool {
         if self.closed.get() {
-            return;
+            return false;
         }
         let mut q = self.queue.borrow_mut();
         let mut rest = frame;
@@ -69,75 +72,98 @@ impl StreamConn {
             && let Some(w) = &self.direct
         {
             match w.try_write(frame) {
-                Ok(n) if n == frame.len() => return,
+                Ok(n) if n == frame.len() => return true,
                 Ok(n) => rest = &frame[n..],
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => {
                     self.close();
-                    return;
+                    return false;
                 }
             }
         } else if q.len() + frame.len() > MAX_QUEUED {
             self.dropped.set(self.dropped.get() + 1);
-            return;
+            return false;
         }
         q.extend_from_slice(rest);
         self.notify.notify_one();
+        true
     }
 
-    fn close(&self) {
+    /// Stops sending: the writer ends (a TLS writer sends close_notify first).
+    pub(super) fn close(&self) {
         self.closed.set(true);
         self.notify.notify_one();
+    }
+
+    /// Whether the writer has ended.
+    pub(super) fn finished(&self) -> bool {
+        self.finished.get()
     }
 }
 
 /// Accepts plain TCP connections.
-pub(super) async fn accept_tcp(driver: Rc<Driver>, listener: TcpListener) {
-    accept_loop(driver.clone(), listener, |stream, remote, local, slot| {
-        let (rd, wr) = stream.into_split();
-        let conn = Rc::new(StreamConn::new(Some(wr)));
-        let client = ClientId {
-            transport: Transport::Tcp,
-            remote,
-            local,
-        };
-        let driver = driver.clone();
-        tokio::task::spawn_local(async move {
-            serve_connection(driver, conn, client, rd, None).await;
-            drop(slot);
-        });
-    })
+pub(super) async fn accept_tcp(driver: Rc<Driver>, listener: TcpListener, idx: usize) {
+    accept_loop(
+        driver.clone(),
+        listener,
+        idx,
+        |stream, remote, local, slot| {
+            let (rd, wr) = stream.into_split();
+            let conn = Rc::new(StreamConn::new(Some(wr)));
+            let client = ClientId {
+                transport: Transport::Tcp,
+                remote,
+                local,
+            };
+            let driver = driver.clone();
+            tokio::task::spawn_local(async move {
+                serve_connection(driver, conn, client, idx, rd, None).await;
+                drop(slot);
+            });
+        },
+    )
     .await
 }
 
 /// Accepts TLS connections: each handshake runs in the connection's own task, bounded in time.
-pub(super) async fn accept_tls(driver: Rc<Driver>, listener: TcpListener, acceptor: TlsAcceptor) {
-    accept_loop(driver.clone(), listener, |stream, remote, local, slot| {
-        let driver = driver.clone();
-        let acceptor = acceptor.clone();
-        tokio::task::spawn_local(async move {
-            let _slot = slot;
-            let client = ClientId {
-                transport: Transport::Tls,
-                remote,
-                local,
-            };
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(%client, error = %e, "tls handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%client, "tls handshake timed out");
-                    return;
-                }
-            };
-            let (rd, wr) = tokio::io::split(tls);
-            let conn = Rc::new(StreamConn::new(None));
-            serve_connection(driver, conn, client, rd, Some(wr)).await;
-        });
-    })
+pub(super) async fn accept_tls(
+    driver: Rc<Driver>,
+    listener: TcpListener,
+    idx: usize,
+    acceptor: TlsAcceptor,
+) {
+    accept_loop(
+        driver.clone(),
+        listener,
+        idx,
+        |stream, remote, local, slot| {
+            let driver = driver.clone();
+            let acceptor = acceptor.clone();
+            tokio::task::spawn_local(async move {
+                let _slot = slot;
+                let client = ClientId {
+                    transport: Transport::Tls,
+                    remote,
+                    local,
+                };
+                let tls =
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            debug!(%client, error = %e, "tls handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%client, "tls handshake timed out");
+                            return;
+                        }
+                    };
+                let (rd, wr) = tokio::io::split(tls);
+                let conn = Rc::new(StreamConn::new(None));
+                serve_connection(driver, conn, client, idx, rd, Some(wr)).await;
+            });
+        },
+    )
     .await
 }
 
@@ -157,6 +183,7 @@ impl Drop for ConnSlot {
 async fn accept_loop(
     driver: Rc<Driver>,
     listener: TcpListener,
+    idx: usize,
     mut on_accept: impl FnMut(TcpStream, SocketAddr, SocketAddr, ConnSlot),
 ) {
     let local = match listener.local_addr() {
@@ -169,13 +196,13 @@ async fn accept_loop(
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
-                if driver.connections.get() >= driver.max_connections {
-                    driver
-                        .refused_connections
-                        .set(driver.refused_connections.get() + 1);
+                let counters = &driver.listeners[idx];
+                if driver.connections.get() >= driver.max_connections.get() {
+                    bump(&counters.refused, 1);
                     debug!(%local, %remote, "connection refused: max-connections reached");
                     continue;
                 }
+                bump(&counters.accepted, 1);
                 let _ = stream.set_nodelay(true);
                 driver.connections.set(driver.connections.get() + 1);
                 on_accept(stream, remote, local, ConnSlot(driver.clone()));
@@ -191,8 +218,13 @@ async fn accept_loop(
 
 type TlsWriter = WriteHalf<TlsStream<TcpStream>>;
 
-/// Drains the queue of a connection until it closes.
-async fn writer(conn: Rc<StreamConn>, mut tls: Option<TlsWriter>) {
+/// Drains the queue of a connection until it closes, then marks it finished.
+async fn writer(conn: Rc<StreamConn>, tls: Option<TlsWriter>) {
+    write_queue(&conn, tls).await;
+    conn.finished.set(true);
+}
+
+async fn write_queue(conn: &Rc<StreamConn>, mut tls: Option<TlsWriter>) {
     let mut chunk = Vec::new();
     loop {
         conn.notify.notified().await;
@@ -207,7 +239,7 @@ async fn writer(conn: Rc<StreamConn>, mut tls: Option<TlsWriter>) {
                 break;
             }
             let ok = match (&conn.direct, tls.as_mut()) {
-                (Some(w), _) => write_direct(&conn, w).await,
+                (Some(w), _) => write_direct(conn, w).await,
                 (None, Some(w)) => {
                     // Take what is queued (swapping buffers, so the queue keeps accepting
                     // frames while this awaits), encrypt and send it.
@@ -264,6 +296,7 @@ async fn serve_connection(
     driver: Rc<Driver>,
     conn: Rc<StreamConn>,
     client: ClientId,
+    listener: usize,
     reader: impl AsyncRead + Unpin,
     tls: Option<TlsWriter>,
 ) {
@@ -272,10 +305,13 @@ async fn serve_connection(
         .borrow_mut()
         .insert((client.remote, client.local), conn.clone());
     let writer_task = tokio::task::spawn_local(writer(conn.clone(), tls));
+    let open = &driver.open[client.transport as usize];
+    bump(open, 1);
     debug!(%client, "connection opened");
 
-    let reason = read_frames(&driver, &conn, client, reader).await;
+    let reason = read_frames(&driver, &conn, client, listener, reader).await;
 
+    open.set(open.get().saturating_sub(1));
     debug!(%client, reason, dropped = conn.dropped.get(), "connection closed");
     conn.close();
     driver
@@ -304,8 +340,10 @@ async fn read_frames(
     driver: &Driver,
     conn: &StreamConn,
     client: ClientId,
+    listener: usize,
     mut reader: impl AsyncRead + Unpin,
 ) -> &'static str {
+    let counters = &driver.listeners[listener];
     let mut buf = vec![0u8; READ_BUF];
     let mut filled = 0;
     // Silence is measured from the last complete frame, not the last byte: a client that
@@ -319,8 +357,11 @@ async fn read_frames(
             match frame_len(&buf[start..filled]) {
                 Frame::Complete(n) => {
                     let frame = &buf[start..start + n];
+                    counters.count(n);
                     let mut bufs = driver.bufs.borrow_mut();
-                    driver.client_input(now, client, frame, &mut bufs.reply, |r| conn.send(r));
+                    driver.client_input(now, client, frame, &mut bufs.reply, |r| {
+                        conn.send(r);
+                    });
                     start += n;
                     last_frame = now;
                 }
@@ -344,9 +385,9 @@ async fn read_frames(
         // A connection with an allocation hears from its client at least once per lifetime
         // (Refresh); one without may idle only briefly.
         let idle = if driver.server.borrow().has_allocation(&client) {
-            driver.idle_with_allocation
+            driver.idle_with_allocation.get()
         } else {
-            driver.idle_without_allocation
+            driver.idle_without_allocation.get()
         };
         let deadline = tokio::time::Instant::from_std(last_frame + idle);
         match tokio::time::timeout_at(deadline, reader.read(&mut buf[filled..])).await {
