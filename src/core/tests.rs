@@ -1379,3 +1379,43 @@ fn max_bps_drops_beyond_the_budget_in_each_direction() {
         .count();
     assert_eq!(more, 50);
 }
+
+#[test]
+fn reconfigure_keeps_allocations_and_applies_users_policy_and_limits() {
+    let mut h = H::new();
+    let relay = h.allocate_ok(client(1));
+    let p = public_peer(9000);
+    assert_eq!(h.bind(client(1), 0x4000, p).class(), Class::Success);
+    assert!(h.peer_sends(relay, p, b"before").is_some());
+
+    // New users (alice only, a new password for bob), a denied range covering the peer, a
+    // quota, a different relay range (ignored: allocations are bound to it).
+    let mut users = Users::new(REALM);
+    users.add_password(USER, PASS);
+    users.add_password("bob", "new password");
+    let mut c = ServerConfig::new(relay_ip(), Some(users));
+    c.min_port = 40000;
+    c.max_port = 40099;
+    c.user_quota = 1;
+    c.denied_peers = vec![Cidr::new(p.ip(), 32).unwrap()];
+    let ignored = h.s.reconfigure(c);
+    assert_eq!(ignored, vec!["min-port / max-port"]);
+    assert_eq!(h.s.config().min_port, 50000);
+    h.s.check_invariants().unwrap();
+
+    // The allocation is alive; the withdrawn permission stops data both ways, even on the
+    // bound channel.
+    assert_eq!(h.s.allocation_count(), 1);
+    assert!(h.peer_sends(relay, p, b"after").is_none());
+    assert_eq!(h.channel_data(client(1), 0x4000, b"x"), ClientAction::None);
+    assert_eq!(h.permit(client(1), p).code(), Some(403));
+    // A peer the new rules allow still works.
+    let q = other_peer(1);
+    assert_eq!(h.permit(client(1), q).class(), Class::Success);
+    assert!(h.peer_sends(relay, q, b"ok").is_some());
+    // The quota applies to new allocations.
+    assert_eq!(h.allocate(client(2)).code(), Some(486));
+    // Refresh still works for the allocation in flight.
+    assert_eq!(h.refresh(client(1), Some(600)).class(), Class::Success);
+    h.s.check_invariants().unwrap();
+}

@@ -405,10 +405,11 @@ impl Supervisor {
         new.keep_restart_only(&self.running);
         if self.opts.log_level.is_none() && new.log_level != self.running.log_level {
             let f = filter(&new.log_level)?;
+            // Logged before the change, so that it shows when the level goes up.
+            info!(from = %self.running.log_level, to = %new.log_level, "log level changed");
             self.log_filter
                 .reload(f)
                 .map_err(|e| format!("cannot change the log level: {e}"))?;
-            info!(log_level = %new.log_level, "log level changed");
         }
         let new = Arc::new(new);
         for d in &self.drivers {

@@ -39,6 +39,47 @@ impl TestServer {
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    /// The configuration file the server was started with (rewrite it, then `signal("HUP")`).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("turnserver.toml")
+    }
+
+    /// Sends a signal by name ("HUP", "TERM", "INT") to the server.
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args(["-s", name, &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -s {name} failed");
+    }
+
+    /// Waits up to `timeout` for the server to exit; its exit status, or `None` if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to `timeout` until the log contains `text`.
+    pub fn wait_log(&self, text: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(text) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
 }
 
 impl Drop for TestServer {
@@ -81,6 +122,11 @@ pub fn start(extra: &str) -> TestServer {
 
 /// Starts a server with the listening and relay settings filled in and `body` after them.
 pub fn start_with(body: &str) -> TestServer {
+    start_with_env(body, &[])
+}
+
+/// Like [`start_with`], with extra environment variables for the server process.
+pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> TestServer {
     for _ in 0..5 {
         let port = free_port();
         let (min_port, max_port) = relay_range();
@@ -95,6 +141,7 @@ pub fn start_with(body: &str) -> TestServer {
         let mut child = Command::new(env!("CARGO_BIN_EXE_turnserver"))
             .arg("--config")
             .arg(&path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -256,6 +303,7 @@ pub fn start_tls(certs: &TestCerts, extra: &str) -> (TestServer, u16) {
 /// server's refusals.
 pub struct Client {
     conn: ClientConn,
+    relayed: Option<SocketAddr>,
     nonce: Vec<u8>,
     n: u8,
     pub user: String,
@@ -288,6 +336,7 @@ impl Client {
     fn with(conn: ClientConn) -> Client {
         Client {
             conn,
+            relayed: None,
             nonce: Vec::new(),
             n: 0,
             user: USER.into(),
@@ -349,6 +398,9 @@ impl Client {
             let m = MessageRef::parse(&r).expect("a STUN answer");
             assert_eq!(m.transaction_id().0, [self.n; 12]);
             code = m.error_code().unwrap().map(|(c, _)| c);
+            if let Ok(Some(relayed)) = m.xor_address(AttrType::XOR_RELAYED_ADDRESS) {
+                self.relayed = Some(relayed);
+            }
             let had_nonce = !self.nonce.is_empty();
             if let Ok(Some(nonce)) = m.nonce() {
                 self.nonce = nonce.to_vec();
@@ -359,6 +411,56 @@ impl Client {
             }
         }
         code
+    }
+
+    /// Sends raw bytes (a ChannelData frame, say) to the server.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        match &mut self.conn {
+            ClientConn::Udp(s, to) => {
+                s.send_to(bytes, *to).unwrap();
+            }
+            ClientConn::Tcp(s) => s.write_all(bytes).unwrap(),
+        }
+    }
+
+    /// Receives one datagram (UDP) or frame (TCP) from the server within `timeout`.
+    pub fn recv_raw(&mut self, timeout: Duration) -> Option<Vec<u8>> {
+        use std::io::Read;
+        use turnserver::wire::{Frame, frame_len};
+        match &mut self.conn {
+            ClientConn::Udp(s, _) => {
+                s.set_read_timeout(Some(timeout)).unwrap();
+                let mut r = vec![0u8; 65_536];
+                let n = s.recv(&mut r).ok()?;
+                r.truncate(n);
+                Some(r)
+            }
+            ClientConn::Tcp(s) => {
+                s.set_read_timeout(Some(timeout)).unwrap();
+                let mut r = vec![0u8; 4];
+                s.read_exact(&mut r).ok()?;
+                loop {
+                    match frame_len(&r) {
+                        Frame::Complete(n) => {
+                            r.truncate(n);
+                            return Some(r);
+                        }
+                        Frame::Incomplete(need) => {
+                            let have = r.len();
+                            r.resize(need, 0);
+                            s.read_exact(&mut r[have..]).ok()?;
+                        }
+                        Frame::Invalid => return None,
+                    }
+                }
+            }
+        }
+    }
+
+    /// The relayed address of the last successful Allocate.
+    pub fn relayed(&self) -> Option<SocketAddr> {
+        self.relayed
     }
 
     /// Allocate with REQUESTED-TRANSPORT UDP and, if given, REQUESTED-ADDRESS-FAMILY.
@@ -388,6 +490,49 @@ impl Client {
                 .add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
         })
     }
+}
+
+/// A ChannelData frame on channel `number` (padded to four bytes, as stream transports need).
+pub fn channel_data(number: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(4 + payload.len() + 3);
+    f.extend_from_slice(&number.to_be_bytes());
+    f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    f.extend_from_slice(payload);
+    while f.len() % 4 != 0 {
+        f.push(0);
+    }
+    f
+}
+
+/// `GET path` over HTTP/1.1 from 127.0.0.1:`port`: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("http response");
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the sample `name{labels}` (or `name` alone) in a Prometheus exposition.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A Binding request with transaction ID `[id; 12]`.
