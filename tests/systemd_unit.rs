@@ -30,7 +30,10 @@ fn analyze_available() -> bool {
 
 /// The unit with its commands pointing at this build, written to `dir`.
 fn local_unit(dir: &Path) -> PathBuf {
-    let text = UNIT.replace("/usr/local/bin/turnserver", env!("CARGO_BIN_EXE_turnserver"));
+    let text = UNIT.replace(
+        "/usr/local/bin/turnserver",
+        env!("CARGO_BIN_EXE_turnserver"),
+    );
     let path = dir.join("turnserver.service");
     std::fs::write(&path, text).unwrap();
     path
@@ -95,7 +98,10 @@ fn unit_is_hardened() {
     let text = String::from_utf8_lossy(&out.stdout);
     let score: f64 = text
         .lines()
-        .find_map(|l| l.split("Overall exposure level for turnserver.service: ").nth(1))
+        .find_map(|l| {
+            l.split("Overall exposure level for turnserver.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in:\n{text}\n{out:?}"));

@@ -2152,6 +2152,64 @@ bob = "b"
     }
 
     #[test]
+    fn log_format_and_metrics_listener() {
+        let c = parse(&valid("")).expect("valid");
+        assert!(!c.log_json);
+        assert_eq!(c.prometheus, None);
+        let c = parse(&valid("log-format = \"json\"\nprometheus-port = 9641")).expect("valid");
+        assert!(c.log_json);
+        assert_eq!(c.prometheus, Some("127.0.0.1:9641".parse().unwrap()));
+        assert!(c.summary().contains("http://127.0.0.1:9641/"));
+        let c = parse(&valid("prometheus-port = 9000\nprometheus-ip = \"::1\"")).expect("valid");
+        assert_eq!(c.prometheus, Some("[::1]:9000".parse().unwrap()));
+        refused(
+            &valid("log-format = \"xml\""),
+            "log-format",
+            Some(1),
+            "\"xml\" is not \"text\" or \"json\"",
+        );
+        refused(
+            &valid("prometheus-port = 0"),
+            "prometheus-port",
+            Some(1),
+            "leave the key out",
+        );
+        refused(
+            &valid("prometheus-ip = \"127.0.0.1\""),
+            "prometheus-ip",
+            Some(1),
+            "prometheus-port is not",
+        );
+        refused(
+            &valid("prometheus-port = 1\nprometheus-ip = \"localhost\""),
+            "prometheus-ip",
+            Some(2),
+            "localhost",
+        );
+    }
+
+    #[test]
+    fn restart_only_changes_are_named_and_kept() {
+        let running = parse(&valid("min-port = 50000\nstale-nonce = 60")).expect("valid");
+        let mut new = parse(&valid(
+            "min-port = 50001\nstale-nonce = 120\nlog-format = \"json\"",
+        ))
+        .expect("valid");
+        let keys: Vec<&str> = running
+            .restart_only_changes(&new)
+            .iter()
+            .map(|k| k.0)
+            .collect();
+        assert_eq!(keys, ["min-port", "log-format"]);
+        new.keep_restart_only(&running);
+        assert!(running.restart_only_changes(&new).is_empty());
+        assert_eq!(
+            (new.min_port, new.stale_nonce, new.log_json),
+            (50000, 120, false)
+        );
+    }
+
+    #[test]
     fn log_level_checks() {
         for level in LOG_LEVELS {
             let config = parse(&valid(&format!("log-level = \"{level}\""))).expect("valid");
