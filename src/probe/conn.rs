@@ -143,7 +143,9 @@ impl Control {
                 let pad = pad4(frame.len()) - frame.len();
                 s.set_write_timeout(Some(left(deadline)))
                     .map_err(NetError::Io)?;
-                let r = s.write_all(frame).and_then(|()| s.write_all(&padding[..pad]));
+                let r = s
+                    .write_all(frame)
+                    .and_then(|()| s.write_all(&padding[..pad]));
                 match r {
                     Ok(()) => Ok(()),
                     Err(e) if timed_out(&e) => Err(NetError::Timeout),

@@ -168,46 +168,45 @@ fn probe(args: &Args, target: &Target, rep: &mut Report) -> Result<(), Fail> {
 
     // Names to resolve: the server's, and the external peer's.
     let peer_literal = args.peer.as_deref().map(|p| p.parse::<SocketAddr>().ok());
-    let (server, peer) = if matches!(target.host, Host::Name(_))
-        || matches!(peer_literal, Some(None))
-    {
-        step(rep, "resolve", || {
-            let mut detail = Vec::new();
+    let (server, peer) =
+        if matches!(target.host, Host::Name(_)) || matches!(peer_literal, Some(None)) {
+            step(rep, "resolve", || {
+                let mut detail = Vec::new();
+                let server = match &target.host {
+                    Host::Ip(ip) => SocketAddr::new(*ip, target.port),
+                    Host::Name(n) => {
+                        let a = resolve(n, target.port, None)?;
+                        detail.push(format!("{n} is {}", a.ip()));
+                        a
+                    }
+                };
+                let peer = match (&args.peer, peer_literal) {
+                    (Some(_), Some(Some(a))) => Some(a),
+                    (Some(p), _) => {
+                        let (h, port) = p.rsplit_once(':').unwrap_or((p, "0"));
+                        let port = port.parse().unwrap_or(0);
+                        let a = resolve(h, port, Some(server))?;
+                        detail.push(format!("peer {h} is {}", a.ip()));
+                        Some(a)
+                    }
+                    (None, _) => None,
+                };
+                Ok(((server, peer), detail.join(", ")))
+            })?
+        } else {
             let server = match &target.host {
                 Host::Ip(ip) => SocketAddr::new(*ip, target.port),
-                Host::Name(n) => {
-                    let a = resolve(n, target.port, None)?;
-                    detail.push(format!("{n} is {}", a.ip()));
-                    a
-                }
+                Host::Name(_) => return Err(Fail::new("unresolved host")),
             };
-            let peer = match (&args.peer, peer_literal) {
-                (Some(_), Some(Some(a))) => Some(a),
-                (Some(p), _) => {
-                    let (h, port) = p.rsplit_once(':').unwrap_or((p, "0"));
-                    let port = port.parse().unwrap_or(0);
-                    let a = resolve(h, port, Some(server))?;
-                    detail.push(format!("peer {h} is {}", a.ip()));
-                    Some(a)
-                }
-                (None, _) => None,
-            };
-            Ok(((server, peer), detail.join(", ")))
-        })?
-    } else {
-        let server = match &target.host {
-            Host::Ip(ip) => SocketAddr::new(*ip, target.port),
-            Host::Name(_) => return Err(Fail::new("unresolved host")),
+            (server, peer_literal.flatten())
         };
-        (server, peer_literal.flatten())
-    };
 
     let ctl = match target.transport {
-        Transport::Udp => Control::udp(server).map_err(|e| {
-            Fail::new(format!("cannot open a UDP socket toward {server}: {e}"))
-        })?,
+        Transport::Udp => Control::udp(server)
+            .map_err(|e| Fail::new(format!("cannot open a UDP socket toward {server}: {e}")))?,
         Transport::Tcp => step(rep, "connect", || {
-            let c = Control::tcp(server, timeout).map_err(|e| connect_fail(&label, &timeout_text, e))?;
+            let c = Control::tcp(server, timeout)
+                .map_err(|e| connect_fail(&label, &timeout_text, e))?;
             let local = c
                 .local_addr()
                 .map(|a| format!("connected from {a}"))
@@ -244,10 +243,7 @@ fn probe(args: &Args, target: &Target, rep: &mut Report) -> Result<(), Fail> {
             d.push_str(&format!(", lifetime {l} s"));
         }
         match (&a.realm, s.user()) {
-            (Some(r), Some(u)) => d.push_str(&format!(
-                ", realm {}, user {u}",
-                session::clean(r)
-            )),
+            (Some(r), Some(u)) => d.push_str(&format!(", realm {}, user {u}", session::clean(r))),
             _ => d.push_str(", the server asked for no credentials"),
         }
         if let Some(sw) = &a.software {
@@ -302,7 +298,10 @@ fn relay_steps(
     alloc: &Allocation,
 ) -> Result<(), Fail> {
     let peer = step(rep, "peer", || match external {
-        Some(a) => Ok((Peer::External(a), format!("{a}, an external echo peer (--peer)"))),
+        Some(a) => Ok((
+            Peer::External(a),
+            format!("{a}, an external echo peer (--peer)"),
+        )),
         None => {
             let p = relay::local_peer(server, s.timeout)?;
             let d = if p.mapped {
@@ -428,7 +427,9 @@ fn refresh_step(s: &mut Session, rep: &mut Report) {
     let r = s.request(Method::REFRESH, &add, s.deadline());
     let (status, detail) = match r {
         Ok(Answer::Success) => (Status::Ok, "allocation released".to_string()),
-        Ok(Answer::Error { code: 437, reason, .. }) => (
+        Ok(Answer::Error {
+            code: 437, reason, ..
+        }) => (
             Status::Warn,
             format!("no allocation to release (437 {reason}): it expired, or the server lost it"),
         ),

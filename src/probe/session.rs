@@ -187,7 +187,9 @@ impl Session {
                     self.label, self.timeout_text
                 );
                 if self.ctl.port_unreachable {
-                    s.push_str(" (ICMP port unreachable came back: nothing listens on that UDP port)");
+                    s.push_str(
+                        " (ICMP port unreachable came back: nothing listens on that UDP port)",
+                    );
                 } else if name != "Binding" {
                     s.push_str(&format!(" (waiting for the answer to {name})"));
                 }
@@ -309,16 +311,16 @@ impl Session {
                 return Ok(Answer::Success);
             }
             let (code, reason) = error_of(&m)?;
-            if code == 438 && stale == 0 && self.auth.is_some() {
-                if let Ok(Some(nonce)) = m.nonce()
-                    && let Some(a) = self.auth.as_mut()
-                {
-                    a.nonce = nonce.to_vec();
-                    stale += 1;
-                    continue;
-                }
+            if code == 438
+                && stale == 0
+                && let Ok(Some(nonce)) = m.nonce()
+                && let Some(a) = self.auth.as_mut()
+            {
+                a.nonce = nonce.to_vec();
+                stale += 1;
+                continue;
             }
-            if code == 438 {
+            if code == 438 && stale > 0 {
                 return Err(Fail::new(format!(
                     "{} refused with 438 Stale Nonce again right after a fresh nonce: the server does not accept the nonces it issues (a clock problem, or a load balancer spreading one client over several servers)",
                     method_name(method)
@@ -341,7 +343,10 @@ impl Session {
         let add = move |w: &mut MessageWriter| {
             w.add_u32(AttrType::REQUESTED_TRANSPORT, u32::from(PROTO_UDP) << 24);
             if ipv6 {
-                w.add_u32(AttrType::REQUESTED_ADDRESS_FAMILY, u32::from(FAMILY_IPV6) << 24);
+                w.add_u32(
+                    AttrType::REQUESTED_ADDRESS_FAMILY,
+                    u32::from(FAMILY_IPV6) << 24,
+                );
             }
         };
         let r = self.transaction(Method::ALLOCATE, &add, false, deadline)?;
@@ -389,7 +394,10 @@ impl Session {
                 return allocation(&m, realm);
             }
             let (code, reason) = error_of(&m)?;
-            let realm = self.auth.as_ref().map_or(String::new(), |a| clean(&a.realm));
+            let realm = self
+                .auth
+                .as_ref()
+                .map_or(String::new(), |a| clean(&a.realm));
             let user = self.auth.as_ref().map_or(String::new(), |a| a.user.clone());
             match code {
                 438 if stale == 0 => {

@@ -123,7 +123,9 @@ fn split_host_port(url: &str, authority: &str) -> Result<(Host, u16), String> {
     }
     let (host, port) = if let Some(inner) = authority.strip_prefix('[') {
         let Some((literal, after)) = inner.split_once(']') else {
-            return Err(format!("bad URL {url:?}: unclosed '[' around the IPv6 address"));
+            return Err(format!(
+                "bad URL {url:?}: unclosed '[' around the IPv6 address"
+            ));
         };
         let ip: std::net::Ipv6Addr = literal
             .parse()
