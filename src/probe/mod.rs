@@ -49,7 +49,7 @@ pub struct Args {
     /// Fail unless the server's realm is this one.
     #[arg(long, value_name = "REALM")]
     pub realm: Option<String>,
-    /// Seconds each step may take at most (decimals allowed).
+    /// Seconds each step, and each relayed round trip, may take at most (decimals allowed).
     #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_timeout)]
     pub timeout: f64,
     /// Relayed round trips to make.
@@ -361,10 +361,9 @@ fn relay_steps(
     })?;
 
     let t0 = Instant::now();
-    let deadline = s.deadline();
     let trips = match &peer {
-        Peer::Local(p) => relay::local_round_trips(s, p, alloc.relayed, args.count, deadline),
-        Peer::External(a) => relay::echo_round_trips(s, *a, alloc.relayed, args.count, deadline),
+        Peer::Local(p) => relay::local_round_trips(s, p, alloc.relayed, args.count),
+        Peer::External(a) => relay::echo_round_trips(s, *a, alloc.relayed, args.count),
     };
     let elapsed = t0.elapsed();
     match trips {

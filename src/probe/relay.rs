@@ -78,8 +78,14 @@ fn peer_binding(
         {
             return Ok(None);
         }
-        let Ok((len, from)) = socket.recv_from(&mut answer) else {
-            continue;
+        let (len, from) = match socket.recv_from(&mut answer) {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => {
+                // Do not spin on a socket error that repeats.
+                std::thread::sleep(Duration::from_millis(10).min(left(deadline)));
+                continue;
+            }
         };
         let frame = &answer[..len];
         if from != server || !is_response_to(frame, &txid) {
@@ -207,13 +213,12 @@ fn round_prefix(seq: u32, count: u32) -> String {
 /// Round trips with the probe's own peer: the peer sends to the relayed address, the data
 /// must come to the client as ChannelData on [`CHANNEL`], the client sends it back as
 /// ChannelData, and the peer must get it from the relayed address. Lost datagrams are resent
-/// (500 ms, doubling) until the step's deadline.
+/// (500 ms, doubling); each round trip may take the probe's timeout.
 pub fn local_round_trips(
     s: &mut Session,
     peer: &LocalPeer,
     relayed: SocketAddr,
     count: u32,
-    deadline: Instant,
 ) -> Result<Trips, Fail> {
     let mut token = [0u8; 8];
     getrandom::fill(&mut token).map_err(|e| Fail::new(format!("cannot get random bytes: {e}")))?;
@@ -224,6 +229,7 @@ pub fn local_round_trips(
     for seq in 0..count {
         let p = payload(&token, seq);
         let start = Instant::now();
+        let deadline = start + s.timeout;
 
         // Peer -> relay -> client.
         let mut rto = RTO;
@@ -330,7 +336,10 @@ pub fn local_round_trips(
                     if matches!(
                         e.kind(),
                         ErrorKind::ConnectionRefused | ErrorKind::Interrupted
-                    ) => {}
+                    ) =>
+                {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 Err(e) => return Err(peer_io(e)),
             }
         }
@@ -347,7 +356,6 @@ pub fn echo_round_trips(
     peer: SocketAddr,
     relayed: SocketAddr,
     count: u32,
-    deadline: Instant,
 ) -> Result<Trips, Fail> {
     let mut token = [0u8; 8];
     getrandom::fill(&mut token).map_err(|e| Fail::new(format!("cannot get random bytes: {e}")))?;
@@ -357,6 +365,7 @@ pub fn echo_round_trips(
         let p = payload(&token, seq);
         let frame = channel_data(CHANNEL, &p);
         let start = Instant::now();
+        let deadline = start + s.timeout;
         let mut rto = RTO;
         s.ctl
             .send(&frame, deadline)
