@@ -144,5 +144,10 @@ fn garbage_on_tcp_closes_that_connection_only() {
     }
     assert_eq!(got, vec![1, 2]);
     still_serves(&server);
-    assert!(server.log().contains("connection closed"));
+    // The log line comes through a pipe: give it a moment.
+    assert!(
+        server.wait_log("connection closed", Duration::from_secs(3)),
+        "{}",
+        server.log()
+    );
 }

@@ -235,7 +235,15 @@ fn server_thread_relays_without_allocating() {
         let local = tokio::task::LocalSet::new();
         TAG.with(|t| t.set(SERVER));
         local
-            .block_on(&rt, turnserver::net::serve(&cfg, listeners, commands))
+            .block_on(
+                &rt,
+                turnserver::net::serve(
+                    &cfg,
+                    listeners,
+                    turnserver::net::Shard::single(&cfg).unwrap(),
+                    commands,
+                ),
+            )
             .unwrap();
         TAG.with(|t| t.set(0));
     });

@@ -131,7 +131,7 @@ async fn stun_over_tls_1_3_and_1_2_with_a_verified_certificate() {
         .await
         .unwrap();
     binding(&mut s, 4).await;
-    assert!(server.log().contains("transport=\"tls\""));
+    assert!(server.wait_log("transport=\"tls\"", Duration::from_secs(3)));
 }
 
 #[tokio::test]

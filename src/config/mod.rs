@@ -133,6 +133,8 @@ pub struct Config {
     /// Where the HTTP listener for metrics and the self-test page binds (`prometheus-ip`,
     /// `prometheus-port`); `None` when `prometheus-port` is absent.
     pub prometheus: Option<SocketAddr>,
+    /// Relay threads (`workers`); 0 means one per CPU the process may run on.
+    pub workers: u32,
 }
 
 /// A setting that differs between two configurations and only takes effect on restart.
@@ -170,6 +172,7 @@ impl Config {
             self.prometheus != new.prometheus,
         );
         differ("log-format", self.log_json != new.log_json);
+        differ("workers", self.workers != new.workers);
         keys
     }
 
@@ -190,6 +193,7 @@ impl Config {
         self.max_port = running.max_port;
         self.prometheus = running.prometheus;
         self.log_json = running.log_json;
+        self.workers = running.workers;
     }
 }
 
@@ -470,6 +474,7 @@ struct RawConfig {
     log_format: Option<Spanned<String>>,
     prometheus_port: Option<Spanned<u16>>,
     prometheus_ip: Option<Spanned<String>>,
+    workers: Option<Spanned<u32>>,
 }
 
 /// Builds validation errors that carry the line of the offending value.
@@ -951,6 +956,15 @@ impl RawConfig {
             ));
         }
 
+        let workers = value_or(&self.workers, 0);
+        if workers > 256 {
+            return Err(check.error(
+                "workers",
+                span_of(&self.workers),
+                format!("workers {workers} is more than 256"),
+            ));
+        }
+
         Ok(Config {
             listening_ips,
             listening_port,
@@ -985,6 +999,7 @@ impl RawConfig {
             log_level,
             log_json,
             prometheus,
+            workers,
         })
     }
 
@@ -1300,6 +1315,11 @@ impl Config {
             self.log_level,
             if self.log_json { "json" } else { "text" }
         );
+        if self.workers == 0 {
+            let _ = writeln!(out, "workers: one per CPU");
+        } else {
+            let _ = writeln!(out, "workers: {}", self.workers);
+        }
         match self.prometheus {
             Some(addr) => {
                 let _ = writeln!(out, "metrics and self-test page: http://{addr}/");
@@ -1580,6 +1600,7 @@ bob = "b"
             "log-format",
             "prometheus-port",
             "prometheus-ip",
+            "workers",
         ] {
             let assignment = format!("{key} =");
             let present = EXAMPLE.lines().any(|line| {

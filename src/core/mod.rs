@@ -17,6 +17,7 @@
 mod limits;
 pub mod policy;
 mod ports;
+mod quota;
 mod stats;
 
 #[cfg(test)]
@@ -26,6 +27,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
@@ -39,6 +41,7 @@ use crate::wire::{
 
 pub use policy::{Cidr, PeerPolicy};
 pub use ports::PortPool;
+pub use quota::{Exceeded, Limits, QuotaBook};
 pub use stats::{
     COUNTED_ERRORS, COUNTED_METHODS, Drop, EndReason, Flow, OUTCOMES, Stats, TRANSPORTS,
 };
@@ -143,6 +146,99 @@ pub trait RelaySockets {
     fn open(&mut self, addr: SocketAddr) -> bool;
     /// Closes the socket bound to `addr`.
     fn close(&mut self, addr: SocketAddr);
+    /// Binds `addr` for a reservation (EVEN-PORT with R): held, so that nobody else takes the
+    /// port, until [`RelaySockets::adopt`] or [`RelaySockets::unpark`]. Where the servers share
+    /// their reservations ([`Shared`]), the socket must be kept where every server's driver can
+    /// adopt it. By default it is simply opened.
+    fn park(&mut self, addr: SocketAddr) -> bool {
+        self.open(addr)
+    }
+    /// Starts receiving on a parked socket, for the allocation that redeemed its reservation;
+    /// `false` if there is no such socket. By default (parking opened it) nothing to do.
+    fn adopt(&mut self, addr: SocketAddr) -> bool {
+        let _ = addr;
+        true
+    }
+    /// Releases a parked socket whose reservation expired.
+    fn unpark(&mut self, addr: SocketAddr) {
+        self.close(addr)
+    }
+}
+
+/// What the servers of one process share when it runs one per core: the relay port pool, the
+/// port reservations (an EVEN-PORT pair's second port may be redeemed by a client another core
+/// serves), the allocation counts behind the quotas, and the rate limits on 401/438 answers
+/// and password checks (per source address, whichever core the source's packets reach). Each
+/// sits behind its own mutex, taken when an allocation or reservation starts or ends, on
+/// challenges and password checks, and once a timer tick for expired reservations; never on
+/// the relay path.
+#[derive(Clone)]
+pub struct Shared {
+    ports: Arc<Mutex<PortPool>>,
+    reservations: Arc<Mutex<Vec<Reservation>>>,
+    quotas: QuotaBook,
+    /// 401/438 challenges per source address (against reflection and amplification).
+    challenges: Arc<Mutex<limits::RateLimiter>>,
+    /// Password attempts per (user, source address).
+    guesses: Arc<Mutex<limits::RateLimiter>>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("ports", &self.ports)
+            .field("reservations", &self.reservations)
+            .field("quotas", &self.quotas)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// A pool of `min_port..=max_port` in an order drawn from `seed`, no reservation, no
+    /// allocation counted, full rate-limit buckets as of `now`.
+    pub fn new(min_port: u16, max_port: u16, seed: u64, now: Instant) -> Self {
+        let limiter = |per_second, burst| {
+            Arc::new(Mutex::new(limits::RateLimiter::new(
+                CHALLENGE_BUCKETS,
+                per_second,
+                burst,
+                now,
+            )))
+        };
+        Shared {
+            ports: Arc::new(Mutex::new(PortPool::new(
+                min_port,
+                max_port,
+                &mut Rng::new(seed),
+            ))),
+            reservations: Arc::new(Mutex::new(Vec::new())),
+            quotas: QuotaBook::default(),
+            challenges: limiter(CHALLENGES_PER_SECOND, CHALLENGE_BURST),
+            guesses: limiter(GUESSES_PER_SECOND, GUESS_BURST),
+        }
+    }
+
+    fn challenges(&self) -> MutexGuard<'_, limits::RateLimiter> {
+        self.challenges.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn guesses(&self) -> MutexGuard<'_, limits::RateLimiter> {
+        self.guesses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn ports(&self) -> MutexGuard<'_, PortPool> {
+        // Nothing panics while holding these locks; were it to, the data is still whole.
+        self.ports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn reservations(&self) -> MutexGuard<'_, Vec<Reservation>> {
+        self.reservations.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether another server holds a clone.
+    fn is_shared(&self) -> bool {
+        Arc::strong_count(&self.ports) > 1
+    }
 }
 
 /// The core's configuration: already validated, with no file or socket in it.
@@ -413,14 +509,8 @@ pub struct Server {
     by_client: HashMap<ClientId, u32>,
     /// Allocation slot by relay port (index `port - min_port`); `u32::MAX` when none.
     by_port: Vec<u32>,
-    ports: PortPool,
-    reservations: Vec<Reservation>,
-    per_user: HashMap<Box<str>, u32>,
-    per_ip: HashMap<IpAddr, u32>,
-    /// 401/438 challenges per source address (against reflection and amplification).
-    challenges: limits::RateLimiter,
-    /// Password attempts per (user, source address).
-    guesses: limits::RateLimiter,
+    /// Ports, reservations and quota counts, shared with the other cores' servers.
+    shared: Shared,
     failures: limits::FailureLog,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     live: usize,
@@ -432,8 +522,6 @@ const NO_SLOT: u32 = u32::MAX;
 impl Server {
     /// `secret` keys the nonces (take it from a cryptographic source); `seed` seeds port order.
     pub fn new(cfg: ServerConfig, secret: [u8; 32], seed: u64, now: Instant) -> Self {
-        let mut rng = Rng::new(seed);
-        let ports = PortPool::new(cfg.min_port, cfg.max_port, &mut rng);
         let mut own: Vec<IpAddr> = cfg.relay_ips.clone();
         own.extend(cfg.external_ips.iter().map(|(public, _)| *public));
         let policy = PeerPolicy {
@@ -453,28 +541,21 @@ impl Server {
             free_slots: Vec::new(),
             by_client: HashMap::new(),
             by_port: vec![NO_SLOT; span],
-            ports,
-            reservations: Vec::new(),
-            per_user: HashMap::new(),
-            per_ip: HashMap::new(),
-            challenges: limits::RateLimiter::new(
-                CHALLENGE_BUCKETS,
-                CHALLENGES_PER_SECOND,
-                CHALLENGE_BURST,
-                now,
-            ),
-            guesses: limits::RateLimiter::new(
-                CHALLENGE_BUCKETS,
-                GUESSES_PER_SECOND,
-                GUESS_BURST,
-                now,
-            ),
+            shared: Shared::new(cfg.min_port, cfg.max_port, seed, now),
             failures: limits::FailureLog::default(),
             timers: BinaryHeap::new(),
             live: 0,
             stats: Stats::default(),
             cfg,
         }
+    }
+
+    /// Makes this server share ports, reservations and quotas with others (one per core),
+    /// before it serves anyone. `shared` must cover this server's port range.
+    pub fn with_shared(mut self, shared: Shared) -> Self {
+        debug_assert_eq!(self.shared.ports().capacity(), shared.ports().capacity());
+        self.shared = shared;
+        self
     }
 
     pub fn stats(&self) -> &Stats {
@@ -492,12 +573,12 @@ impl Server {
 
     /// Relay ports in use (allocations and reservations).
     pub fn ports_in_use(&self) -> usize {
-        self.ports.used()
+        self.shared.ports().used()
     }
 
     /// Relay ports in the configured range.
     pub fn port_capacity(&self) -> usize {
-        self.ports.capacity()
+        self.shared.ports().capacity()
     }
 
     /// Whether `client` holds a live allocation.
@@ -771,7 +852,7 @@ impl Server {
         (code, reason): Refused,
         user: Option<&str>,
     ) -> ClientAction {
-        if !self.challenges.allow(client.remote.ip(), now) {
+        if !self.shared.challenges().allow(client.remote.ip(), now) {
             return self.dropped(Drop::RateLimited);
         }
         self.stats.response(req.method(), Some(code.0));
@@ -828,10 +909,10 @@ impl Server {
         let key = users.key(username).copied();
         let known = key.is_some();
         let guess = (username, client.remote.ip());
-        let checked = self.guesses.has_token(guess, now);
+        let checked = self.shared.guesses().has_token(guess, now);
         let Some(key) = key.filter(|k| checked && msg.verify(k)) else {
             // Only failures spend the budget.
-            self.guesses.allow(guess, now);
+            self.shared.guesses().allow(guess, now);
             self.stats.auth_failures += 1;
             let shown = if known { username } else { "(unknown user)" };
             self.failures.record(shown, &client, now);
@@ -1038,51 +1119,29 @@ impl Server {
             }
         };
         let username = auth.map_or("", |a| a.username);
-        if self.cfg.total_quota > 0 && self.live >= self.cfg.total_quota as usize {
-            return Err((ErrorCode::ALLOCATION_QUOTA_REACHED, "total quota reached"));
-        }
-        if self.cfg.user_quota > 0
-            && self.per_user.get(username).copied().unwrap_or(0) >= self.cfg.user_quota
+        let limits = Limits {
+            total: self.cfg.total_quota,
+            user: self.cfg.user_quota,
+            ip: self.cfg.ip_quota,
+        };
+        if let Err(e) = self
+            .shared
+            .quotas
+            .take(username, client.remote.ip(), limits)
         {
-            return Err((ErrorCode::ALLOCATION_QUOTA_REACHED, "user quota reached"));
-        }
-        if self.cfg.ip_quota > 0
-            && self.per_ip.get(&client.remote.ip()).copied().unwrap_or(0) >= self.cfg.ip_quota
-        {
-            return Err((
-                ErrorCode::ALLOCATION_QUOTA_REACHED,
-                "client address quota reached",
-            ));
-        }
-
-        let (relay, reservation) = if let Some(t) = token {
-            let Some(i) = self
-                .reservations
-                .iter()
-                .position(|r| r.token == t && r.until > now)
-            else {
-                return Err((
-                    ErrorCode::INSUFFICIENT_CAPACITY,
-                    "unknown or expired reservation token",
-                ));
+            let reason = match e {
+                Exceeded::Total => "total quota reached",
+                Exceeded::User => "user quota reached",
+                Exceeded::Ip => "client address quota reached",
             };
-            // The reserved port's socket was bound when it was reserved.
-            let r = self.reservations.swap_remove(i);
-            (SocketAddr::new(r.ip, r.port), None)
-        } else {
-            let Some(ip) = self
-                .cfg
-                .relay_ips
-                .iter()
-                .copied()
-                .find(|ip| ip.is_ipv4() == want_v4)
-            else {
-                return Err((
-                    ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
-                    "no relay address of the requested family",
-                ));
-            };
-            self.bind_relay(now, ip, even, relays)?
+            return Err((ErrorCode::ALLOCATION_QUOTA_REACHED, reason));
+        }
+        let (relay, reservation) = match self.pick_relay(now, token, want_v4, even, relays) {
+            Ok(r) => r,
+            Err(refused) => {
+                self.shared.quotas.give_back(username, client.remote.ip());
+                return Err(refused);
+            }
         };
 
         let lifetime = self.granted_lifetime(requested_lifetime);
@@ -1113,6 +1172,52 @@ impl Server {
         })
     }
 
+    /// The relay address for a new allocation: the reserved port a token names, or a port
+    /// taken from the pool and bound (with the next one reserved for an even pair).
+    fn pick_relay(
+        &mut self,
+        now: Instant,
+        token: Option<[u8; 8]>,
+        want_v4: bool,
+        even: Option<bool>,
+        relays: &mut impl RelaySockets,
+    ) -> Result<(SocketAddr, Option<[u8; 8]>), Refused> {
+        if let Some(t) = token {
+            let unknown = (
+                ErrorCode::INSUFFICIENT_CAPACITY,
+                "unknown or expired reservation token",
+            );
+            let r = {
+                let mut reservations = self.shared.reservations();
+                let i = reservations
+                    .iter()
+                    .position(|r| r.token == t && r.until > now)
+                    .ok_or(unknown)?;
+                reservations.swap_remove(i)
+            };
+            // The reserved port's socket was bound (parked) when it was reserved.
+            let addr = SocketAddr::new(r.ip, r.port);
+            if !relays.adopt(addr) {
+                self.shared.ports().release(r.port);
+                return Err(unknown);
+            }
+            return Ok((addr, None));
+        }
+        let Some(ip) = self
+            .cfg
+            .relay_ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == want_v4)
+        else {
+            return Err((
+                ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+                "no relay address of the requested family",
+            ));
+        };
+        self.bind_relay(now, ip, even, relays)
+    }
+
     /// Takes a port (even, or an even pair, when asked), binds it, and records a reservation
     /// for the odd port of a pair.
     fn bind_relay(
@@ -1127,18 +1232,22 @@ impl Server {
             "relay port range exhausted",
         );
         for _ in 0..BIND_ATTEMPTS {
-            let port = match even {
-                None => self.ports.take(),
-                Some(pair) => self.ports.take_even(pair),
+            let port = {
+                let mut ports = self.shared.ports();
+                match even {
+                    None => ports.take(),
+                    Some(pair) => ports.take_even(pair),
+                }
             }
             .ok_or(full)?;
             let addr = SocketAddr::new(ip, port);
             let pair = even == Some(true);
             if !relays.open(addr) {
                 // Taken by another program: back to the end of the queue.
-                self.ports.release(port);
+                let mut ports = self.shared.ports();
+                ports.release(port);
                 if pair {
-                    self.ports.release(port + 1);
+                    ports.release(port + 1);
                 }
                 continue;
             }
@@ -1148,15 +1257,16 @@ impl Server {
             // RFC 8656 7.2: the next port is reserved, which means bound now, so that the
             // Allocate redeeming the token is sure to get it.
             let next = SocketAddr::new(ip, port + 1);
-            if !relays.open(next) {
+            if !relays.park(next) {
                 relays.close(addr);
-                self.ports.release(port);
-                self.ports.release(port + 1);
+                let mut ports = self.shared.ports();
+                ports.release(port);
+                ports.release(port + 1);
                 continue;
             }
             let mut token = [0u8; 8];
             self.prf.fill(&mut token);
-            self.reservations.push(Reservation {
+            self.shared.reservations().push(Reservation {
                 token,
                 port: port + 1,
                 ip,
@@ -1170,8 +1280,6 @@ impl Server {
     fn insert(&mut self, a: Allocation) -> u32 {
         let port_idx = (a.relay.port() - self.cfg.min_port) as usize;
         let client = a.client;
-        *self.per_user.entry(a.username.clone()).or_insert(0) += 1;
-        *self.per_ip.entry(a.client.remote.ip()).or_insert(0) += 1;
         let slot = match self.free_slots.pop() {
             Some(s) => {
                 self.allocs[s as usize] = Some(a);
@@ -1197,21 +1305,11 @@ impl Server {
         self.free_slots.push(slot);
         self.by_client.remove(&a.client);
         self.by_port[(a.relay.port() - self.cfg.min_port) as usize] = NO_SLOT;
-        self.ports.release(a.relay.port());
+        self.shared.ports().release(a.relay.port());
         relays.close(a.relay);
-        if let Some(n) = self.per_user.get_mut(&a.username) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_user.remove(&a.username);
-            }
-        }
-        let ip = a.client.remote.ip();
-        if let Some(n) = self.per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_ip.remove(&ip);
-            }
-        }
+        self.shared
+            .quotas
+            .give_back(&a.username, a.client.remote.ip());
         self.live -= 1;
         self.stats.allocations_ended[reason as usize] += 1;
         info!(client = %a.client, user = &*a.username, relay = %a.relay, reason = reason.name(), "allocation deleted");
@@ -1564,7 +1662,7 @@ impl Server {
     /// The instant by which [`Self::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = self.timers.peek().map(|Reverse((t, _, _))| *t);
-        let r = self.reservations.iter().map(|r| r.until).min();
+        let r = self.shared.reservations().iter().map(|r| r.until).min();
         match (t, r) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -1598,15 +1696,18 @@ impl Server {
             a.timer = Some(next);
             self.timers.push(Reverse((next, slot, gen_)));
         }
-        let ports = &mut self.ports;
-        self.reservations.retain(|r| {
+        let mut expired = Vec::new();
+        self.shared.reservations().retain(|r| {
             let keep = r.until > now;
             if !keep {
-                ports.release(r.port);
-                relays.close(SocketAddr::new(r.ip, r.port));
+                expired.push(SocketAddr::new(r.ip, r.port));
             }
             keep
         });
+        for addr in expired {
+            self.shared.ports().release(addr.port());
+            relays.unpark(addr);
+        }
     }
 
     /// A stream client's connection closed: its allocation goes (RFC 8656 3.1 / 7).
@@ -1679,12 +1780,12 @@ impl Server {
         if mapped != self.live {
             return Err(format!("by_port {mapped} != live {}", self.live));
         }
-        if self.ports.used() != self.live + self.reservations.len() {
+        let (used, reserved) = (self.shared.ports().used(), self.shared.reservations().len());
+        // Shared ports and reservations count every server's allocations, not just these.
+        if !self.shared.is_shared() && used != self.live + reserved {
             return Err(format!(
                 "ports used {} != live {} + reservations {}",
-                self.ports.used(),
-                self.live,
-                self.reservations.len()
+                used, self.live, reserved
             ));
         }
         for a in live {

@@ -149,6 +149,65 @@ fn bind_http(addr: SocketAddr) -> Result<std::net::TcpListener, String> {
     bind().map_err(|e| format!("cannot listen on prometheus {addr}: {e}"))
 }
 
+/// The number of relay threads for `workers` (0: one per CPU this process may use).
+pub fn worker_count(workers: u32) -> usize {
+    match workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n as usize,
+    }
+}
+
+/// A worker thread's end, reported to the supervisor also when the thread panics.
+struct ExitNotice {
+    index: usize,
+    tx: tokio::sync::mpsc::UnboundedSender<(usize, Result<(), String>)>,
+    result: Option<Result<(), String>>,
+}
+
+impl Drop for ExitNotice {
+    fn drop(&mut self) {
+        let result = self
+            .result
+            .take()
+            .unwrap_or_else(|| Err("the thread panicked".into()));
+        let _ = self.tx.send((self.index, result));
+    }
+}
+
+/// Starts one relay thread: a current-thread runtime serving `listeners`.
+fn spawn_worker(
+    cfg: Config,
+    listeners: Listeners,
+    shard: net::Shard,
+    commands: net::Commands,
+    exits: tokio::sync::mpsc::UnboundedSender<(usize, Result<(), String>)>,
+) -> std::io::Result<()> {
+    let index = shard.index;
+    std::thread::Builder::new()
+        .name(format!("relay-{index}"))
+        .spawn(move || {
+            let mut notice = ExitNotice {
+                index,
+                tx: exits,
+                result: None,
+            };
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    notice.result = Some(Err(format!("cannot start a runtime: {e}")));
+                    return;
+                }
+            };
+            let local = tokio::task::LocalSet::new();
+            let result = local.block_on(&rt, net::serve(&cfg, listeners, shard, commands));
+            notice.result = Some(result.map_err(|e| e.to_string()));
+        })
+        .map(drop)
+}
+
 /// Runs the server until SIGTERM or SIGINT. `cfg` is the validated configuration read from
 /// `opts.config_path`.
 pub fn run(opts: Options, cfg: Config) -> ExitCode {
@@ -160,7 +219,9 @@ pub fn run(opts: Options, cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listeners = match Listeners::bind(&cfg) {
+    let span = usize::from(cfg.max_port - cfg.min_port) + 1;
+    let workers = worker_count(cfg.workers).min(span);
+    let listeners = match Listeners::bind_all(&cfg, workers) {
         Ok(l) => l,
         Err(e) => {
             error!("{e}");
@@ -174,6 +235,26 @@ pub fn run(opts: Options, cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let shards = match net::Shard::all(workers, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "no randomness for the nonce secret");
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(version = env!("CARGO_PKG_VERSION"), config = %opts.config_path.display(), workers, "starting");
+    let certs = listeners[0].certificates();
+    let (exits_tx, exits) = tokio::sync::mpsc::unbounded_channel();
+    let mut drivers = Vec::new();
+    for (l, shard) in listeners.into_iter().zip(shards) {
+        let (handle, commands) = net::control::channel();
+        if let Err(e) = spawn_worker(cfg.clone(), l, shard, commands, exits_tx.clone()) {
+            error!(error = %e, "cannot start a relay thread");
+            return ExitCode::FAILURE;
+        }
+        drivers.push(handle);
+    }
+    drop(exits_tx);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -184,9 +265,17 @@ pub fn run(opts: Options, cfg: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    info!(version = env!("CARGO_PKG_VERSION"), config = %opts.config_path.display(), "starting");
+    let sup = Supervisor {
+        opts,
+        running: cfg,
+        log_filter,
+        certs,
+        drivers,
+        notifier: systemd::Notifier::from_env(),
+        status: Arc::new(Status::default()),
+    };
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, supervise(opts, cfg, listeners, http, log_filter))
+    local.block_on(&rt, sup.supervise(http, exits))
 }
 
 /// Everything reload needs.
@@ -216,107 +305,107 @@ async fn next(s: &mut Option<Signal>) {
     }
 }
 
-async fn supervise(
-    opts: Options,
-    cfg: Config,
-    listeners: Listeners,
-    http: Option<std::net::TcpListener>,
-    log_filter: FilterHandle,
-) -> ExitCode {
-    // Watch the signals before anything else: SIGHUP's default action is to terminate.
-    let mut term = hook(SignalKind::terminate(), "SIGTERM");
-    let mut int = hook(SignalKind::interrupt(), "SIGINT");
-    let mut hup = hook(SignalKind::hangup(), "SIGHUP");
+type Exits = tokio::sync::mpsc::UnboundedReceiver<(usize, Result<(), String>)>;
 
-    let (handle, commands) = net::control::channel();
-    let certs = listeners.certificates();
-    let serve_cfg = cfg.clone();
-    let mut server =
-        tokio::task::spawn_local(async move { net::serve(&serve_cfg, listeners, commands).await });
-    if !handle.ping().await {
-        let outcome = (&mut server).await;
-        error!(?outcome, "the relay did not start");
-        return ExitCode::FAILURE;
-    }
-    let status = Arc::new(Status::default());
-    let mut http_task = None;
-    if let Some(listener) = http {
-        let addr = cfg.prometheus.expect("bound only when configured");
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(l) => l,
-            Err(e) => {
-                error!(error = %e, "cannot use the prometheus listener");
+impl Supervisor {
+    async fn supervise(
+        mut self,
+        http: Option<std::net::TcpListener>,
+        mut exits: Exits,
+    ) -> ExitCode {
+        // Watch the signals first: SIGHUP's default action is to terminate.
+        let mut term = hook(SignalKind::terminate(), "SIGTERM");
+        let mut int = hook(SignalKind::interrupt(), "SIGINT");
+        let mut hup = hook(SignalKind::hangup(), "SIGHUP");
+
+        // Ready once every driver answers (its listeners are bound and its loop runs).
+        for d in &self.drivers {
+            if !d.ping().await {
+                let outcome = exits.recv().await;
+                error!(?outcome, "a relay thread did not start");
                 return ExitCode::FAILURE;
+            }
+        }
+        let mut http_task = None;
+        if let Some(listener) = http {
+            let addr = self.running.prometheus.expect("bound only when configured");
+            let listener = match tokio::net::TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    error!(error = %e, "cannot use the prometheus listener");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if !addr.ip().is_loopback() {
+                warn!(listener = %addr, "metrics and the self-test page are served without authentication on a non-loopback address");
+            }
+            info!(listener = %addr, "serving /metrics, /health and the self-test page at /");
+            let site = Rc::new(http::Site {
+                drivers: self.drivers.clone(),
+                status: self.status.clone(),
+                page: SELF_TEST_PAGE.replace("__DEFAULT_URLS__", &default_urls(&self.running)),
+            });
+            http_task = Some(tokio::task::spawn_local(http::serve(listener, site)));
+        }
+        self.notifier
+            .notify(&format!("READY=1\nSTATUS={}", self.status_line()));
+        let mut watchdog = systemd::watchdog_interval().map(|period| {
+            info!(period_ms = period.as_millis() as u64, "systemd watchdog on");
+            tokio::time::interval(period)
+        });
+        info!(workers = self.drivers.len(), "ready");
+
+        let why = loop {
+            tokio::select! {
+                _ = next(&mut term) => break "SIGTERM",
+                _ = next(&mut int) => break "SIGINT",
+                _ = next(&mut hup) => self.reload().await,
+                _ = async { match watchdog.as_mut() { Some(w) => w.tick().await, None => std::future::pending().await } } => {
+                    self.watchdog().await;
+                }
+                outcome = exits.recv() => {
+                    error!(?outcome, "a relay thread stopped unexpectedly");
+                    return ExitCode::FAILURE;
+                }
             }
         };
-        if !addr.ip().is_loopback() {
-            warn!(listener = %addr, "metrics and the self-test page are served without authentication on a non-loopback address");
+        info!(signal = why, "shutting down");
+        self.notifier.notify("STOPPING=1\nSTATUS=shutting down");
+        if let Some(t) = http_task {
+            t.abort();
         }
-        info!(listener = %addr, "serving /metrics, /health and the self-test page at /");
-        let site = Rc::new(http::Site {
-            drivers: vec![handle.clone()],
-            status: status.clone(),
-            page: SELF_TEST_PAGE.replace("__DEFAULT_URLS__", &default_urls(&cfg)),
-        });
-        http_task = Some(tokio::task::spawn_local(http::serve(listener, site)));
-    }
-
-    let mut sup = Supervisor {
-        opts,
-        running: cfg,
-        log_filter,
-        certs,
-        drivers: vec![handle],
-        notifier: systemd::Notifier::from_env(),
-        status,
-    };
-    sup.notifier
-        .notify(&format!("READY=1\nSTATUS={}", sup.status_line()));
-    let mut watchdog = systemd::watchdog_interval().map(|period| {
-        info!(period_ms = period.as_millis() as u64, "systemd watchdog on");
-        tokio::time::interval(period)
-    });
-    info!("ready");
-
-    let why = loop {
+        for d in &self.drivers {
+            d.shutdown();
+        }
+        let all_stopped = async {
+            let mut failed = false;
+            for _ in 0..self.drivers.len() {
+                match exits.recv().await {
+                    Some((_, Ok(()))) => {}
+                    Some((worker, Err(e))) => {
+                        error!(worker, error = %e, "a relay thread failed while stopping");
+                        failed = true;
+                    }
+                    None => break,
+                }
+            }
+            failed
+        };
         tokio::select! {
-            _ = next(&mut term) => break "SIGTERM",
-            _ = next(&mut int) => break "SIGINT",
-            _ = next(&mut hup) => sup.reload().await,
-            _ = async { match watchdog.as_mut() { Some(w) => w.tick().await, None => std::future::pending().await } } => {
-                sup.watchdog().await;
-            }
-            outcome = &mut server => {
-                error!(?outcome, "the relay stopped unexpectedly");
-                return ExitCode::FAILURE;
-            }
+            outcome = tokio::time::timeout(SHUTDOWN_TIMEOUT, all_stopped) => match outcome {
+                Ok(false) => {
+                    info!("shutdown complete");
+                    ExitCode::SUCCESS
+                }
+                Ok(true) => ExitCode::FAILURE,
+                Err(_) => {
+                    warn!(timeout_s = SHUTDOWN_TIMEOUT.as_secs(), "shutdown took too long; exiting");
+                    ExitCode::SUCCESS
+                }
+            },
+            _ = next(&mut term) => { warn!("second signal: exiting now"); ExitCode::SUCCESS }
+            _ = next(&mut int) => { warn!("second signal: exiting now"); ExitCode::SUCCESS }
         }
-    };
-    info!(signal = why, "shutting down");
-    sup.notifier.notify("STOPPING=1\nSTATUS=shutting down");
-    if let Some(t) = http_task {
-        t.abort();
-    }
-    for d in &sup.drivers {
-        d.shutdown();
-    }
-    tokio::select! {
-        outcome = tokio::time::timeout(SHUTDOWN_TIMEOUT, &mut server) => match outcome {
-            Ok(Ok(Ok(()))) => {
-                info!("shutdown complete");
-                ExitCode::SUCCESS
-            }
-            Ok(outcome) => {
-                error!(?outcome, "the relay failed while stopping");
-                ExitCode::FAILURE
-            }
-            Err(_) => {
-                warn!(timeout_s = SHUTDOWN_TIMEOUT.as_secs(), "shutdown took too long; exiting");
-                ExitCode::SUCCESS
-            }
-        },
-        _ = next(&mut term) => { warn!("second signal: exiting now"); ExitCode::SUCCESS }
-        _ = next(&mut int) => { warn!("second signal: exiting now"); ExitCode::SUCCESS }
     }
 }
 

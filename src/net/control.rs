@@ -105,7 +105,8 @@ impl Snapshot {
         self.allocations += other.allocations;
         self.permissions += other.permissions;
         self.channels += other.channels;
-        self.relay_ports_used += other.relay_ports_used;
+        // The port pool is shared: every driver reports the same figures.
+        self.relay_ports_used = self.relay_ports_used.max(other.relay_ports_used);
         self.relay_ports = self.relay_ports.max(other.relay_ports);
         for l in &other.listeners {
             match self

@@ -21,6 +21,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use tokio::net::UdpSocket;
@@ -54,6 +55,63 @@ const REPLY_BUF: usize = 4096;
 #[inline]
 fn send_udp(sock: &UdpSocket, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
     socket2::SockRef::from(sock).send_to(buf, &to.into())
+}
+
+/// Sockets bound for port reservations (EVEN-PORT with R), shared by the drivers of a process:
+/// the reservation may be redeemed by a client another driver serves, which then adopts the
+/// socket.
+type Parked = Arc<std::sync::Mutex<HashMap<SocketAddr, std::net::UdpSocket>>>;
+
+/// One driver's place among the drivers of a process, and what they share: the nonce secret (a
+/// nonce one driver issued is good on every other), the relay port pool, port reservations and
+/// allocation quotas ([`crate::core::Shared`]), the sockets parked for reservations, and the
+/// count of open connections behind `max-connections`. A relay socket, and every datagram a
+/// peer sends to it, belongs to the driver that opened it.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+    secret: [u8; 32],
+    shared: crate::core::Shared,
+    parked: Parked,
+    connections: Arc<AtomicUsize>,
+}
+
+impl Shard {
+    /// `count` shards for `cfg`, sharing a fresh secret, the port pool, reservations, quotas
+    /// and the connection count.
+    pub fn all(count: usize, cfg: &Config) -> io::Result<Vec<Shard>> {
+        let random =
+            |buf: &mut [u8]| getrandom::fill(buf).map_err(|e| io::Error::other(e.to_string()));
+        let mut secret = [0u8; 32];
+        random(&mut secret)?;
+        let mut seed = [0u8; 8];
+        random(&mut seed)?;
+        let shared = crate::core::Shared::new(
+            cfg.min_port,
+            cfg.max_port,
+            u64::from_le_bytes(seed),
+            Instant::now(),
+        );
+        let parked = Parked::default();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = count.max(1);
+        Ok((0..count)
+            .map(|index| Shard {
+                index,
+                count,
+                secret,
+                shared: shared.clone(),
+                parked: parked.clone(),
+                connections: connections.clone(),
+            })
+            .collect())
+    }
+
+    /// The only shard of a one-driver process.
+    pub fn single(cfg: &Config) -> io::Result<Shard> {
+        Ok(Self::all(1, cfg)?.remove(0))
+    }
 }
 
 /// Builds the core's configuration from the validated file configuration.
@@ -110,6 +168,7 @@ pub struct RelayTable {
     min_port: u16,
     sockets: Vec<Option<(Rc<UdpSocket>, AbortHandle)>>,
     driver: Weak<Driver>,
+    parked: Parked,
 }
 
 impl RelayTable {
@@ -123,31 +182,79 @@ impl RelayTable {
     }
 }
 
-impl RelaySockets for RelayTable {
-    fn open(&mut self, addr: SocketAddr) -> bool {
-        let Some(i) = addr.port().checked_sub(self.min_port).map(usize::from) else {
-            return false;
-        };
-        if i >= self.sockets.len() {
-            return false;
-        }
-        let sock = match Self::bind(addr) {
-            Ok(s) => Rc::new(s),
-            Err(e) => {
-                debug!(%addr, error = %e, "relay port unavailable");
-                return false;
-            }
-        };
+impl RelayTable {
+    fn index(&self, addr: SocketAddr) -> Option<usize> {
+        let i = usize::from(addr.port().checked_sub(self.min_port)?);
+        (i < self.sockets.len()).then_some(i)
+    }
+
+    /// Starts receiving on `sock`, the relay socket for `addr`.
+    fn register(&mut self, i: usize, addr: SocketAddr, sock: UdpSocket) {
+        let sock = Rc::new(sock);
         let task = tokio::task::spawn_local(relay_loop(self.driver.clone(), sock.clone(), addr));
         self.sockets[i] = Some((sock, task.abort_handle()));
-        true
+    }
+
+    fn parked(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, std::net::UdpSocket>> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RelaySockets for RelayTable {
+    fn open(&mut self, addr: SocketAddr) -> bool {
+        let Some(i) = self.index(addr) else {
+            return false;
+        };
+        match Self::bind(addr) {
+            Ok(sock) => {
+                self.register(i, addr, sock);
+                true
+            }
+            Err(e) => {
+                debug!(%addr, error = %e, "relay port unavailable");
+                false
+            }
+        }
+    }
+
+    fn park(&mut self, addr: SocketAddr) -> bool {
+        match bind_udp(addr) {
+            Ok(sock) => {
+                self.parked().insert(addr, sock);
+                true
+            }
+            Err(e) => {
+                debug!(%addr, error = %e, "relay port unavailable");
+                false
+            }
+        }
+    }
+
+    fn adopt(&mut self, addr: SocketAddr) -> bool {
+        let (Some(i), Some(std)) = (self.index(addr), self.parked().remove(&addr)) else {
+            return false;
+        };
+        match UdpSocket::from_std(std) {
+            Ok(sock) => {
+                self.register(i, addr, sock);
+                true
+            }
+            Err(e) => {
+                debug!(%addr, error = %e, "cannot adopt a reserved relay socket");
+                false
+            }
+        }
+    }
+
+    fn unpark(&mut self, addr: SocketAddr) {
+        self.parked().remove(&addr);
     }
 
     fn close(&mut self, addr: SocketAddr) {
-        let Some(i) = addr.port().checked_sub(self.min_port).map(usize::from) else {
+        let Some(i) = self.index(addr) else {
             return;
         };
-        if let Some((_, abort)) = self.sockets.get_mut(i).and_then(Option::take) {
+        if let Some((_, abort)) = self.sockets[i].take() {
             abort.abort();
         }
     }
@@ -207,8 +314,9 @@ pub struct Driver {
     streams: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<StreamConn>>>,
     /// DTLS associations by (client, local) address.
     dtls: RefCell<HashMap<(SocketAddr, SocketAddr), Rc<dtls::DtlsConn>>>,
-    /// Open TCP and TLS connections (handshakes included), and the most allowed.
-    connections: Cell<usize>,
+    /// Open TCP and TLS connections (handshakes included) of every driver, and the most
+    /// allowed.
+    connections: Arc<AtomicUsize>,
     max_connections: Cell<usize>,
     /// How long a stream connection whose client holds an allocation may stay silent.
     idle_with_allocation: Cell<Duration>,
@@ -462,22 +570,54 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
 /// The kernel caps the request at `net.core.rmem_max`.
 const LISTENER_RCVBUF: usize = 4 << 20;
 
-fn bind_udp_listener(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    let s = new_socket(addr, socket2::Type::DGRAM)?;
-    let _ = s.set_recv_buffer_size(LISTENER_RCVBUF);
-    s.bind(&addr.into())?;
-    Ok(s.into())
+/// `count` UDP listeners on `addr`: one socket, or `count` sockets with `SO_REUSEPORT` among
+/// which the kernel spreads clients by their address and port (so a client's datagrams always
+/// reach the same driver).
+fn bind_udp_listeners(addr: SocketAddr, count: usize) -> io::Result<Vec<std::net::UdpSocket>> {
+    if count > 1 {
+        // SO_REUSEPORT would also share the port with another process of this user: check
+        // first that nobody holds it.
+        drop(bind_udp(addr)?);
+    }
+    (0..count)
+        .map(|_| {
+            let s = new_socket(addr, socket2::Type::DGRAM)?;
+            let _ = s.set_recv_buffer_size(LISTENER_RCVBUF);
+            if count > 1 {
+                s.set_reuse_port(true)?;
+            }
+            s.bind(&addr.into())?;
+            Ok(s.into())
+        })
+        .collect()
 }
 
-fn bind_tcp(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, String> {
-    let listen = || -> io::Result<std::net::TcpListener> {
+/// `count` TCP listeners on `addr`, with `SO_REUSEPORT` when more than one (the kernel then
+/// spreads connections among them).
+fn bind_tcp_listeners(
+    addr: SocketAddr,
+    what: &str,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, String> {
+    let listen = |reuse_port: bool| -> io::Result<std::net::TcpListener> {
         let s = new_socket(addr, socket2::Type::STREAM)?;
         s.set_reuse_address(true)?;
+        if reuse_port {
+            s.set_reuse_port(true)?;
+        }
         s.bind(&addr.into())?;
         s.listen(1024)?;
         Ok(s.into())
     };
-    listen().map_err(|e| format!("cannot listen on {what} {addr}: {e}"))
+    let all = || -> io::Result<Vec<std::net::TcpListener>> {
+        if count == 1 {
+            return Ok(vec![listen(false)?]);
+        }
+        // As for UDP: fail if anyone listens there already.
+        drop(listen(false)?);
+        (0..count).map(|_| listen(true)).collect()
+    };
+    all().map_err(|e| format!("cannot listen on {what} {addr}: {e}"))
 }
 
 impl Listeners {
@@ -486,45 +626,64 @@ impl Listeners {
         self.certs.clone()
     }
 
-    /// Binds every listener of the configuration, or fails naming the address.
+    /// Binds every listener of the configuration for one driver, or fails naming the address.
     pub fn bind(cfg: &Config) -> Result<Self, String> {
-        let mut l = Listeners {
-            udp: Vec::new(),
-            tcp: Vec::new(),
-            tls: Vec::new(),
-            certs: match cfg.tls.as_ref().or(cfg.dtls.as_ref()) {
-                Some(files) => Some(CertStore::new(
-                    files.clone(),
-                    cfg.tls.is_some(),
-                    cfg.dtls.is_some(),
-                )?),
-                None => None,
-            },
-            dtls: Vec::new(),
+        Ok(Self::bind_all(cfg, 1)?.remove(0))
+    }
+
+    /// Binds every listener of the configuration for `count` drivers: UDP, TCP and TLS
+    /// listeners for each (sharing their addresses through `SO_REUSEPORT`), DTLS on the first
+    /// only (its listener cannot share a port). Fails naming the address.
+    pub fn bind_all(cfg: &Config, count: usize) -> Result<Vec<Self>, String> {
+        let count = count.max(1);
+        let certs = match cfg.tls.as_ref().or(cfg.dtls.as_ref()) {
+            Some(files) => Some(CertStore::new(
+                files.clone(),
+                cfg.tls.is_some(),
+                cfg.dtls.is_some(),
+            )?),
+            None => None,
         };
+        let mut all: Vec<Listeners> = (0..count)
+            .map(|_| Listeners {
+                udp: Vec::new(),
+                tcp: Vec::new(),
+                tls: Vec::new(),
+                certs: certs.clone(),
+                dtls: Vec::new(),
+            })
+            .collect();
         for ip in &cfg.listening_ips {
             let addr = SocketAddr::new(*ip, cfg.listening_port);
             if !cfg.no_udp {
-                l.udp.push(
-                    bind_udp_listener(addr)
-                        .map_err(|e| format!("cannot listen on udp {addr}: {e}"))?,
-                );
+                let socks = bind_udp_listeners(addr, count)
+                    .map_err(|e| format!("cannot listen on udp {addr}: {e}"))?;
+                for (l, s) in all.iter_mut().zip(socks) {
+                    l.udp.push(s);
+                }
             }
             if !cfg.no_tcp {
-                l.tcp.push(bind_tcp(addr, "tcp")?);
+                for (l, s) in all.iter_mut().zip(bind_tcp_listeners(addr, "tcp", count)?) {
+                    l.tcp.push(s);
+                }
             }
             let secure = SocketAddr::new(*ip, cfg.tls_listening_port);
             if cfg.tls.is_some() {
-                l.tls.push(bind_tcp(secure, "tls")?);
+                for (l, s) in all
+                    .iter_mut()
+                    .zip(bind_tcp_listeners(secure, "tls", count)?)
+                {
+                    l.tls.push(s);
+                }
             }
             if cfg.dtls.is_some() {
                 // The DTLS listener binds when serving; fail now, naming the address, if it
                 // cannot.
                 bind_udp(secure).map_err(|e| format!("cannot listen on dtls {secure}: {e}"))?;
-                l.dtls.push(secure);
+                all[0].dtls.push(secure);
             }
         }
-        Ok(l)
+        Ok(all)
     }
 }
 
@@ -537,17 +696,21 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Shutdown closes the listening sockets first (new TCP connections are refused, UDP listeners
 /// are no longer read), then deletes every allocation (relay sockets close), then closes every
 /// connection, waiting at most [`CLOSE_GRACE`] for their last writes.
-pub async fn serve(cfg: &Config, listeners: Listeners, mut commands: Commands) -> io::Result<()> {
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret).map_err(|e| io::Error::other(e.to_string()))?;
+pub async fn serve(
+    cfg: &Config,
+    listeners: Listeners,
+    shard: Shard,
+    mut commands: Commands,
+) -> io::Result<()> {
     let mut seed = [0u8; 8];
     getrandom::fill(&mut seed).map_err(|e| io::Error::other(e.to_string()))?;
     let server = Server::new(
         server_config(cfg),
-        secret,
+        shard.secret,
         u64::from_le_bytes(seed),
         Instant::now(),
-    );
+    )
+    .with_shared(shard.shared.clone());
     let mut counters = Vec::new();
     let mut udp = Vec::new();
     for s in listeners.udp {
@@ -579,11 +742,12 @@ pub async fn serve(cfg: &Config, listeners: Listeners, mut commands: Commands) -
             min_port: cfg.min_port,
             sockets: (0..span).map(|_| None).collect(),
             driver: me.clone(),
+            parked: shard.parked.clone(),
         }),
         udp,
         streams: RefCell::new(HashMap::new()),
         dtls: RefCell::new(HashMap::new()),
-        connections: Cell::new(0),
+        connections: shard.connections.clone(),
         max_connections: Cell::new(cfg.max_connections as usize),
         idle_with_allocation: Cell::new(idle_with_allocation(cfg)),
         idle_without_allocation: Cell::new(Duration::from_secs(u64::from(
@@ -627,6 +791,7 @@ pub async fn serve(cfg: &Config, listeners: Listeners, mut commands: Commands) -
         relay_ips = ?cfg.relay_ips,
         min_port = cfg.min_port,
         max_port = cfg.max_port,
+        worker = shard.index,
         "relay ports"
     );
     background.spawn_local(timer_loop(driver.clone()));
