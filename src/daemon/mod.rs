@@ -76,6 +76,7 @@ fn init_logging(level: &str, json: bool) -> Result<FilterHandle, String> {
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
+                    .with_thread_names(true)
                     .flatten_event(true)
                     .with_current_span(false)
                     .with_span_list(false)
@@ -86,6 +87,7 @@ fn init_logging(level: &str, json: bool) -> Result<FilterHandle, String> {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
+                    .with_thread_names(true)
                     .with_writer(std::io::stderr)
                     .with_ansi(std::io::stderr().is_terminal()),
             )

@@ -304,6 +304,8 @@ pub fn start_tls(certs: &TestCerts, extra: &str) -> (TestServer, u16) {
 pub struct Client {
     conn: ClientConn,
     relayed: Option<SocketAddr>,
+    /// The last answer to a request.
+    pub last_response: Vec<u8>,
     nonce: Vec<u8>,
     n: u8,
     pub user: String,
@@ -337,6 +339,7 @@ impl Client {
         Client {
             conn,
             relayed: None,
+            last_response: Vec::new(),
             nonce: Vec::new(),
             n: 0,
             user: USER.into(),
@@ -395,6 +398,7 @@ impl Client {
             }
             let n = w.finish().unwrap();
             let r = self.exchange(&buf[..n]);
+            self.last_response = r.clone();
             let m = MessageRef::parse(&r).expect("a STUN answer");
             assert_eq!(m.transaction_id().0, [self.n; 12]);
             code = m.error_code().unwrap().map(|(c, _)| c);
