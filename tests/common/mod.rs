@@ -270,11 +270,11 @@ impl Drop for TempDir {
     }
 }
 
-/// A port free on 127.0.0.1 for TCP at the time of asking, other than `not`.
+/// A port free on 127.0.0.1 for TCP and UDP at the time of asking, other than `not`.
 pub fn free_tcp_port(not: u16) -> u16 {
+    // Free for UDP too: a TLS port is also the DTLS port.
     loop {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
+        let port = free_port();
         if port != not {
             return port;
         }
