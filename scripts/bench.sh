@@ -1,0 +1,451 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of coturn and turnserver on loopback.
+#
+# Both servers run one after the other with equivalent configurations (realm bench.local, user
+# alice, long-term credentials, relay on 127.0.0.1 ports 40000-59999, loopback peers allowed,
+# no TLS/DTLS, no quotas, default logging to a file) and are driven by the same
+# turnserver-bench runs (target/release/turnserver-bench, from this repository):
+#
+#   * allocations: 10,000 setups (401, Allocate, CreatePermission, ChannelBind), 64 at a time,
+#     on a freshly started server: setups per second, and RSS per allocation held;
+#   * bursts (closed loop, 8 packets in flight per client, 50 clients): UDP ChannelData with
+#     100- and 1200-byte payloads, UDP Send/Data indications, TCP ChannelData 100 and 1200:
+#     relayed packets per second and server CPU per relayed packet;
+#   * paced: 200 clients x 50 packets/s, UDP ChannelData, 100 bytes: loss, CPU per packet,
+#     latency;
+#   * peak: paced offered load raised step by step until more than 0.1% is lost; the highest
+#     rate relayed with at most 0.1% loss, then latency at half of it;
+#   * cross-check: coturn's own turnutils_uclient (-z 0 -c) through each server to
+#     turnutils_peer, server CPU per relayed packet;
+#   * instructions: with hardware counters, `perf stat -e instructions:u,instructions:k` on the
+#     server during the bursts; without them (virtual machines often have none),
+#     `valgrind --tool=callgrind` on the server for two runs that differ only in the number of
+#     packets (startup and setup cancel out): user-space instructions per relayed packet.
+#
+# Every run is bounded; the whole script takes about 8 minutes (--quick: about 3). Everything
+# stays on 127.0.0.1. Results: one table on stdout (and in --out FILE as Markdown), the raw JSON
+# of each run in the work directory (kept with --keep).
+#
+# Usage: scripts/bench.sh [--pin] [--quick] [--no-callgrind] [--out FILE] [--keep]
+#   --pin           server on CPU 0, load generator on CPU 1 (taskset)
+#   --quick         shorter runs (a check of the script, not a measurement)
+#   --no-callgrind  skip the callgrind instruction counts
+#   --out FILE      also write the table and the machine description to FILE
+#   --keep          keep the work directory (JSON of every run, logs, callgrind files)
+#   --report DIR    print the table again from a kept work directory, running nothing
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PIN=0 QUICK=0 CALLGRIND=1 OUT="" KEEP=0 REPORT=
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --pin) PIN=1 ;;
+    --quick) QUICK=1 ;;
+    --no-callgrind) CALLGRIND=0 ;;
+    --out) OUT=$2; shift ;;
+    --keep) KEEP=1 ;;
+    --report) REPORT=$2; shift ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "bench.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+TARGET=${CARGO_TARGET_DIR:-target}
+OURS=$TARGET/release/turnserver
+GEN=$TARGET/release/turnserver-bench
+COTURN=/usr/bin/turnserver
+USER_NAME=alice PASS=wonderland REALM=bench.local
+MIN_PORT=40000 MAX_PORT=59999
+PORT_OURS=3578 PORT_COTURN=3678 PEER_PORT=3690
+
+if [ "$QUICK" = 1 ]; then
+  BURST_S=2 PACED_S=3 STEP_S=2 ALLOCS=2000 CG_CLIENTS=4 CG_N1=50 CG_N2=300 UC_N=500
+else
+  BURST_S=5 PACED_S=5 STEP_S=3 ALLOCS=10000 CG_CLIENTS=10 CG_N1=200 CG_N2=1200 UC_N=2000
+fi
+
+say() { printf '== %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- tools
+
+if [ -z "$REPORT" ]; then
+  cargo build --release --bins --quiet
+  apt_install() {
+    apt-get install -y "$@" >/dev/null 2>&1 || { apt-get update >/dev/null 2>&1 && apt-get install -y "$@" >/dev/null 2>&1; }
+  }
+  if [ ! -x "$COTURN" ] || ! command -v turnutils_uclient >/dev/null; then
+    say "installing coturn"
+    apt_install coturn
+  fi
+  command -v jq >/dev/null || apt_install jq
+  command -v perf >/dev/null || apt_install linux-perf || true
+  if [ "$CALLGRIND" = 1 ] && ! command -v valgrind >/dev/null; then
+    apt_install valgrind || CALLGRIND=0
+  fi
+
+  # Hardware instruction counters: perf prints "<not supported>" without them.
+  HW=0
+  if command -v perf >/dev/null && perf stat -e instructions:u true 2>&1 | grep -q 'instructions' &&
+    ! perf stat -e instructions:u true 2>&1 | grep -q 'not supported'; then
+    HW=1
+  fi
+
+  # 10,000 allocations need 10,000 relay sockets in the server and 10,000 client sockets here.
+  ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fi
+
+SRV_PIN=() GEN_PIN=()
+if [ "$PIN" = 1 ]; then
+  SRV_PIN=(taskset -c 0)
+  GEN_PIN=(taskset -c 1)
+fi
+
+if [ -n "$REPORT" ]; then
+  WORK=$REPORT KEEP=1
+  # shellcheck disable=SC1091
+  . "$WORK/flags"
+else
+  WORK=$(mktemp -d /tmp/turnserver-bench.XXXXXX)
+fi
+PID="" PEER_PID=""
+cleanup() {
+  [ -n "$PID" ] && kill -KILL "$PID" 2>/dev/null || true
+  [ -n "$PEER_PID" ] && kill "$PEER_PID" 2>/dev/null || true
+  if [ "$KEEP" = 1 ]; then
+    [ -n "$REPORT" ] || echo "work directory kept: $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+
+cat >"$WORK/ours.toml" <<EOF
+listening-ips = ["127.0.0.1"]
+listening-port = $PORT_OURS
+min-port = $MIN_PORT
+max-port = $MAX_PORT
+realm = "$REALM"
+allow-loopback-peers = true
+no-tls = true
+no-dtls = true
+[users]
+$USER_NAME = "$PASS"
+EOF
+
+# ---------------------------------------------------------------- servers
+
+# start_server NAME [WRAPPER...]: starts coturn or turnserver (under WRAPPER, e.g. valgrind),
+# sets PID and PORT, and waits until a full allocation setup succeeds.
+start_server() {
+  local name=$1
+  shift
+  case $name in
+    turnserver)
+      PORT=$PORT_OURS
+      "${SRV_PIN[@]}" "$@" "$OURS" --config "$WORK/ours.toml" >"$WORK/turnserver.log" 2>&1 &
+      ;;
+    coturn)
+      PORT=$PORT_COTURN
+      "${SRV_PIN[@]}" "$@" "$COTURN" -n --listening-ip 127.0.0.1 --listening-port "$PORT" \
+        --relay-ip 127.0.0.1 --min-port "$MIN_PORT" --max-port "$MAX_PORT" \
+        --lt-cred-mech --user "$USER_NAME:$PASS" --realm "$REALM" --fingerprint \
+        --allow-loopback-peers --no-cli --no-tls --no-dtls --total-quota 0 --user-quota 0 \
+        --no-stdout-log --log-file "$WORK/coturn.log" --simple-log \
+        --pidfile "$WORK/coturn.pid" --userdb "$WORK/coturn.db" >"$WORK/coturn.out" 2>&1 &
+      ;;
+  esac
+  PID=$!
+  local tries=0
+  until "$GEN" --server "127.0.0.1:$PORT" --user "$USER_NAME" --password "$PASS" --mode alloc \
+    --allocations 1 --rto-ms 300 --sends 3 --first-address 16000000 --json >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    if [ $tries -gt 120 ] || ! kill -0 "$PID" 2>/dev/null; then
+      echo "bench.sh: $name did not start; log:" >&2
+      tail -20 "$WORK/$name".{log,out} >&2 2>/dev/null || true
+      exit 1
+    fi
+    sleep 0.5
+  done
+}
+
+stop_server() {
+  kill -TERM "$PID" 2>/dev/null || true
+  local i
+  for i in $(seq 1 240); do
+    kill -0 "$PID" 2>/dev/null || break
+    sleep 0.25
+  done
+  kill -KILL "$PID" 2>/dev/null || true
+  wait "$PID" 2>/dev/null || true
+  PID=""
+}
+
+# ---------------------------------------------------------------- runs
+
+ADDR=0
+# gen NAME TEST [ARGS...]: one turnserver-bench run against the running server; its JSON goes
+# to $WORK/NAME-TEST.json.
+gen() {
+  local name=$1 test=$2
+  shift 2
+  local perf_pid=""
+  if [ "$HW" = 1 ]; then
+    perf stat -x, -e instructions:u,instructions:k -p "$PID" -o "$WORK/$name-$test.perf" &
+    perf_pid=$!
+  fi
+  "${GEN_PIN[@]}" "$GEN" --server "127.0.0.1:$PORT" --user "$USER_NAME" --password "$PASS" \
+    --server-pid "$PID" --first-address "$ADDR" --label "$name-$test" --json "$@" \
+    >"$WORK/$name-$test.json" || true
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+  fi
+  ADDR=$((ADDR + 20000))
+  local line
+  line=$(jq -r '"\(.label): " + (if .mode == "alloc" then "\(.allocations_per_s|floor) allocations/s, \(.server_process.rss_bytes_per_allocation|floor) B RSS per allocation" else "\(.relayed_pps|floor) relayed/s, loss \(.loss_pct)%, p50 \(.latency_us.p50) us, p99 \(.latency_us.p99) us, server \(.server_process.cpu_us_per_packet) us CPU per packet" end)' \
+    "$WORK/$name-$test.json" 2>/dev/null || echo "$name-$test: failed ($(cat "$WORK/$name-$test.json"))")
+  say "$line"
+}
+
+# j NAME TEST FILTER: a figure from a run's JSON ("-" when missing).
+j() {
+  jq -r "($3) // \"-\"" "$WORK/$1-$2.json" 2>/dev/null || echo "-"
+}
+
+# cpu_ticks PID: utime + stime of a process, in clock ticks.
+cpu_ticks() {
+  awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+}
+
+bench_server() {
+  local name=$1
+  say "$name: starting"
+  start_server "$name"
+  gen "$name" alloc --mode alloc --allocations "$ALLOCS" --concurrency 64 --threads 2
+  for size in 100 1200; do
+    gen "$name" burst-udp-$size --clients 50 --window 8 --size $size --duration "$BURST_S"
+    gen "$name" burst-tcp-$size --clients 50 --window 8 --size $size --duration "$BURST_S" \
+      --transport tcp
+  done
+  gen "$name" burst-udp-ind-100 --clients 50 --window 8 --size 100 --duration "$BURST_S" \
+    --indications
+  gen "$name" paced-200x50 --clients 200 --rate 50 --size 100 --duration "$PACED_S"
+
+  # Peak: offered load in steps, relative to the burst throughput, until loss > 0.1%.
+  local burst_rt peak=0 peak_rate=0 f rate
+  burst_rt=$(j "$name" burst-udp-100 '.round_trips_per_s')
+  for f in 0.5 0.7 0.8 0.9 1.0 1.1 1.2 1.35 1.5; do
+    rate=$(awk -v b="$burst_rt" -v f="$f" 'BEGIN { printf "%.1f", b * f / 100 }')
+    gen "$name" step-$f --clients 100 --rate "$rate" --size 100 --duration "$STEP_S"
+    local loss pps
+    loss=$(j "$name" step-$f '.loss_pct')
+    pps=$(j "$name" step-$f '.relayed_pps')
+    if awk -v l="$loss" 'BEGIN { exit !(l != "-" && l <= 0.1) }'; then
+      if awk -v p="$pps" -v q="$peak" 'BEGIN { exit !(p > q) }'; then
+        peak=$pps peak_rate=$rate
+      fi
+    else
+      break
+    fi
+  done
+  echo "$peak" >"$WORK/$name-peak.txt"
+  if [ "$peak_rate" != 0 ]; then
+    gen "$name" half-peak --clients 100 --size 100 --duration "$PACED_S" \
+      --rate "$(awk -v r="$peak_rate" 'BEGIN { printf "%.1f", r / 2 }')"
+  fi
+
+  # Cross-check with coturn's own client: 20 clients, UC_N messages each, as fast as it goes.
+  local before after
+  before=$(cpu_ticks "$PID")
+  timeout 120 turnutils_uclient -u "$USER_NAME" -w "$PASS" -p "$PORT" -e 127.0.0.1 \
+    -r "$PEER_PORT" -n "$UC_N" -m 20 -l 100 -z 0 -c 127.0.0.1 >"$WORK/$name-uclient.txt" 2>&1 || true
+  after=$(cpu_ticks "$PID")
+  local recv lost
+  recv=$(grep -o 'tot_recv_msgs=[0-9]*' "$WORK/$name-uclient.txt" | tail -1 | cut -d= -f2)
+  lost=$(grep -o 'Total lost packets [0-9]*' "$WORK/$name-uclient.txt" | tail -1 | awk '{ print $4 }')
+  awk -v r="${recv:-0}" -v t="$((after - before))" -v l="${lost:--}" \
+    'BEGIN { printf "%s %s %.3f\n", r, l, (r > 0 ? t * 10000 / (2 * r) : -1) }' \
+    >"$WORK/$name-uclient.res"
+  say "$name-uclient: received ${recv:-?}, lost ${lost:-?}, $(cut -d' ' -f3 "$WORK/$name-uclient.res") us server CPU per relayed packet"
+  stop_server
+}
+
+# callgrind NAME TEST COUNT [ARGS...]: the server under callgrind, COUNT packets per client;
+# prints "instructions received".
+callgrind_run() {
+  local name=$1 test=$2 count=$3
+  shift 3
+  local out="$WORK/cg-$name-$test-$count.out"
+  start_server "$name" valgrind --tool=callgrind --callgrind-out-file="$out"
+  gen "$name" "cg-$test-$count" --clients "$CG_CLIENTS" --count "$count" --window 2 \
+    --duration 120 --stall-ms 5000 --drain-ms 5000 --rto-ms 2000 --threads 1 "$@"
+  stop_server
+  local ir
+  ir=$(grep -E '^(summary|totals):' "$out" | head -1 | awk '{ print $2 }')
+  echo "${ir:-0} $(j "$name" "cg-$test-$count" '.received')"
+}
+
+callgrind_server() {
+  local name=$1 test=$2
+  shift 2
+  local a b
+  a=$(callgrind_run "$name" "$test" "$CG_N1" "$@")
+  b=$(callgrind_run "$name" "$test" "$CG_N2" "$@")
+  # Instructions per relayed packet: two relayed packets per round trip.
+  echo "$a $b" | awk '{ d = 2 * ($4 - $2); printf "%.0f\n", (d > 0 ? ($3 - $1) / d : -1) }' \
+    >"$WORK/$name-ir-$test.txt"
+  say "$name: $(cat "$WORK/$name-ir-$test.txt") user-space instructions per relayed packet ($test, callgrind)"
+  functions "$name" "$test" "$a" "$b"
+}
+
+# functions NAME TEST "IR1 RECV1" "IR2 RECV2": instructions per relayed packet by function,
+# from the difference between the two callgrind runs, into $WORK/NAME-ir-TEST-functions.txt.
+functions() {
+  local name=$1 test=$2 f1 f2
+  f1="$WORK/cg-$name-$test-$CG_N1.out" f2="$WORK/cg-$name-$test-$CG_N2.out"
+  command -v callgrind_annotate >/dev/null || return 0
+  local packets
+  packets=$(echo "$3 $4" | awk '{ print 2 * ($4 - $2) }')
+  [ "$packets" -gt 0 ] || return 0
+  { callgrind_annotate --auto=no --threshold=100 "$f1" 2>/dev/null | sed 's/^/A /'
+    callgrind_annotate --auto=no --threshold=100 "$f2" 2>/dev/null | sed 's/^/B /'; } |
+    awk -v p="$packets" '
+      $3 ~ /^\(/ && $4 ~ /%\)$/ {
+        ir = $2; gsub(",", "", ir)
+        fn = $0; sub(/^[AB] +[0-9,]+ +\( *[0-9.]+%\) +/, "", fn); sub(/ \[[^]]*\]$/, "", fn)
+        sub(/^[^:]*:/, "", fn)
+        if ($1 == "A") a[fn] += ir; else b[fn] += ir
+        seen[fn] = 1
+      }
+      END { for (f in seen) { d = (b[f] - a[f]) / p; if (d >= 1) printf "%8.1f  %s\n", d, f } }' |
+    sort -rn | head -40 >"$WORK/$name-ir-$test-functions.txt"
+}
+
+# ---------------------------------------------------------------- the table
+
+# row LABEL COTURN OURS BETTER: BETTER is "lower" or "higher" (the ratio is turnserver/coturn).
+row() {
+  local ratio
+  ratio=$(awk -v c="$2" -v o="$3" 'BEGIN {
+    if (c + 0 > 0 && o != "-" && c != "-") printf "%.2f", o / c; else printf "-" }')
+  if [ "$4" = "-" ]; then
+    printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$ratio"
+  else
+    printf '| %s | %s | %s | %s (%s is better) |\n' "$1" "$2" "$3" "$ratio" "$4"
+  fi
+}
+fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "-" || v == "") print "-"; else printf "%." d "f\n", v }'; }
+both() { # both TEST FILTER DECIMALS
+  fmt "$(j coturn "$1" "$2")" "$3"
+  fmt "$(j turnserver "$1" "$2")" "$3"
+}
+
+table() {
+  echo "| metric | coturn | turnserver | ratio |"
+  echo "|---|---|---|---|"
+  local t label c o
+  for t in udp-100 udp-1200 udp-ind-100 tcp-100 tcp-1200; do
+    case $t in
+      udp-100) label="UDP ChannelData 100 B" ;;
+      udp-1200) label="UDP ChannelData 1200 B" ;;
+      udp-ind-100) label="UDP Send/Data 100 B" ;;
+      tcp-100) label="TCP ChannelData 100 B" ;;
+      tcp-1200) label="TCP ChannelData 1200 B" ;;
+    esac
+    mapfile -t v < <(both "burst-$t" '.relayed_pps' 0)
+    row "burst, $label: relayed packets/s" "${v[0]}" "${v[1]}" higher
+    mapfile -t v < <(both "burst-$t" '.server_process.cpu_us_per_packet' 3)
+    row "burst, $label: server CPU us per relayed packet (user+sys)" "${v[0]}" "${v[1]}" lower
+    mapfile -t v < <(both "burst-$t" '.server_process.user_us_per_packet' 3)
+    row "burst, $label: server user CPU us per relayed packet" "${v[0]}" "${v[1]}" lower
+    if [ "$HW" = 1 ]; then
+      for k in u k; do
+        c=$(awk -F, -v k="instructions:$k" '$3 == k { print $1 }' "$WORK/coturn-burst-$t.perf" 2>/dev/null)
+        o=$(awk -F, -v k="instructions:$k" '$3 == k { print $1 }' "$WORK/turnserver-burst-$t.perf" 2>/dev/null)
+        c=$(awk -v i="$c" -v p="$(j coturn "burst-$t" '.server_process.relayed_packets')" 'BEGIN { printf "%.0f", i / p }')
+        o=$(awk -v i="$o" -v p="$(j turnserver "burst-$t" '.server_process.relayed_packets')" 'BEGIN { printf "%.0f", i / p }')
+        row "burst, $label: instructions:$k per relayed packet (perf)" "$c" "$o" lower
+      done
+    fi
+  done
+  mapfile -t v < <(both paced-200x50 '.loss_pct' 4)
+  row "paced 200 clients x 50/s (UDP, 100 B): loss %" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both paced-200x50 '.server_process.cpu_us_per_packet' 3)
+  row "paced 200 x 50/s: server CPU us per relayed packet" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both paced-200x50 '.latency_us.p50' 1)
+  row "paced 200 x 50/s: round-trip latency p50 us" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both paced-200x50 '.latency_us.p99' 1)
+  row "paced 200 x 50/s: round-trip latency p99 us" "${v[0]}" "${v[1]}" lower
+  row "peak relayed packets/s with loss <= 0.1% (UDP, 100 B, paced, 100 clients)" \
+    "$(fmt "$(cat "$WORK/coturn-peak.txt" 2>/dev/null || echo -)")" \
+    "$(fmt "$(cat "$WORK/turnserver-peak.txt" 2>/dev/null || echo -)")" higher
+  mapfile -t v < <(both half-peak '.relayed_pps' 0)
+  row "half of each server's peak: offered relayed packets/s" "${v[0]}" "${v[1]}" "-"
+  mapfile -t v < <(both half-peak '.latency_us.p50' 1)
+  row "half of peak: round-trip latency p50 us" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both half-peak '.latency_us.p99' 1)
+  row "half of peak: round-trip latency p99 us" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both alloc '.allocations_per_s' 0)
+  row "allocations/s (401, Allocate, CreatePermission, ChannelBind; 64 at a time)" "${v[0]}" "${v[1]}" higher
+  mapfile -t v < <(both alloc '.server_process.cpu_us_per_allocation' 1)
+  row "server CPU us per allocation setup" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both alloc '.server_process.rss_bytes_per_allocation' 0)
+  row "RSS bytes per allocation ($(j turnserver alloc '.allocations') held)" "${v[0]}" "${v[1]}" lower
+  if [ "$CALLGRIND" = 1 ]; then
+    row "user-space instructions per relayed packet, UDP ChannelData (callgrind)" \
+      "$(cat "$WORK/coturn-ir-udp.txt")" "$(cat "$WORK/turnserver-ir-udp.txt")" lower
+    row "user-space instructions per relayed packet, UDP Send/Data (callgrind)" \
+      "$(cat "$WORK/coturn-ir-udp-ind.txt")" "$(cat "$WORK/turnserver-ir-udp-ind.txt")" lower
+  fi
+  read -r cr cl cc <"$WORK/coturn-uclient.res"
+  read -r or ol oc <"$WORK/turnserver-uclient.res"
+  row "turnutils_uclient -z 0 -c, 20 x $UC_N x 100 B: messages echoed" "$cr" "$or" higher
+  row "turnutils_uclient: lost packets" "$cl" "$ol" lower
+  row "turnutils_uclient: server CPU us per relayed packet" "$cc" "$oc" lower
+}
+
+describe() {
+  echo "- date: $START; script wall time ${ELAPSED} s"
+  echo "- machine: $(lscpu | sed -n 's/^Model name: *//p' | head -1), $(nproc) cores, $(free -g | awk '/^Mem:/ { print $2 }') GiB; kernel $(uname -r)"
+  echo "- load average before/after: $LOAD_BEFORE / $LOAD_AFTER"
+  echo "- coturn: $("$COTURN" --version 2>/dev/null | head -1); turnserver: $("$OURS" --version 2>/dev/null | head -1)"
+  echo "- command: scripts/bench.sh$([ "$PIN" = 1 ] && echo ' --pin')$([ "$QUICK" = 1 ] && echo ' --quick')$([ "$CALLGRIND" = 0 ] && echo ' --no-callgrind'); pinning: $([ "$PIN" = 1 ] && echo 'server on CPU 0, generator on CPU 1' || echo 'none (both share both cores)')"
+  echo "- hardware instruction counters: $([ "$HW" = 1 ] && echo 'yes (perf stat)' || echo 'not supported here (perf prints <not supported>): CPU time from /proc, instructions from callgrind')"
+  echo "- loopback baseline, no server (generator to its echo peer): $(jq -r '"\(.round_trips_per_s|floor) round trips/s, p50 \(.latency_us.p50) us, p99 \(.latency_us.p99) us"' "$WORK/loopback-direct.json" 2>/dev/null)"
+}
+
+if [ -z "$REPORT" ]; then
+  # ---------------------------------------------------------------- the runs
+
+  START=$(date -u '+%Y-%m-%d %H:%M:%S UTC')
+  LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+  turnutils_peer -L 127.0.0.1 -p "$PEER_PORT" >/dev/null 2>&1 &
+  PEER_PID=$!
+  T0=$SECONDS
+
+  "${GEN_PIN[@]}" "$GEN" --mode direct --clients 50 --window 8 --size 100 --duration "$BURST_S" \
+    --label direct --json >"$WORK/loopback-direct.json" || true
+  say "loopback baseline (no server): $(jq -r '"\(.round_trips_per_s|floor) round trips/s, p50 \(.latency_us.p50) us"' "$WORK/loopback-direct.json")"
+
+  for name in coturn turnserver; do
+    bench_server "$name"
+  done
+  if [ "$CALLGRIND" = 1 ]; then
+    for name in coturn turnserver; do
+      callgrind_server "$name" udp
+      callgrind_server "$name" udp-ind --indications
+    done
+  fi
+  LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+  ELAPSED=$((SECONDS - T0))
+  echo "HW=$HW CALLGRIND=$CALLGRIND UC_N=$UC_N" >"$WORK/flags"
+  describe >"$WORK/describe.txt"
+fi
+
+{
+  echo
+  cat "$WORK/describe.txt"
+  echo
+  table
+} | tee "${OUT:-/dev/null}"
