@@ -51,7 +51,11 @@ fn codec(c: &mut Criterion) {
     let req256 = allocate_request(true);
     let key = key();
     assert!(MessageRef::parse(&req).unwrap().verify_integrity(&key));
-    assert!(MessageRef::parse(&req256).unwrap().verify_integrity_sha256(&key));
+    assert!(
+        MessageRef::parse(&req256)
+            .unwrap()
+            .verify_integrity_sha256(&key)
+    );
 
     c.bench_function("parse_allocate_request", |b| {
         b.iter(|| MessageRef::parse(black_box(&req)).unwrap().method())
@@ -90,7 +94,7 @@ fn codec(c: &mut Criterion) {
         b.iter(|| assert_eq!(black_box(&m).fingerprint_valid(), Some(true)))
     });
 
-    let mut frame = vec![0u8; 4 + 100];
+    let mut frame = [0u8; 4 + 100];
     let mut hdr = [0u8; 4];
     ChannelData::write_header(&mut hdr, ChannelNumber::new(0x4000).unwrap(), 100);
     frame[..4].copy_from_slice(&hdr);

@@ -90,21 +90,42 @@ fn setup(bind_channel: bool) -> Setup {
     let m = MessageRef::parse(&r).unwrap();
     assert_eq!(m.error_code().unwrap().map(|(c, _)| c), Some(401));
     let nonce = m.nonce().unwrap().unwrap().to_vec();
-    let r = request(&mut server, now, client, Method::ALLOCATE, Some(&nonce), transport);
+    let r = request(
+        &mut server,
+        now,
+        client,
+        Method::ALLOCATE,
+        Some(&nonce),
+        transport,
+    );
     let m = MessageRef::parse(&r).unwrap();
     let relay = m
         .xor_address(AttrType::XOR_RELAYED_ADDRESS)
         .unwrap()
         .expect("allocated");
-    let r = request(&mut server, now, client, Method::CREATE_PERMISSION, Some(&nonce), |w| {
-        w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
-    });
+    let r = request(
+        &mut server,
+        now,
+        client,
+        Method::CREATE_PERMISSION,
+        Some(&nonce),
+        |w| {
+            w.add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
+        },
+    );
     assert_eq!(MessageRef::parse(&r).unwrap().class(), Class::Success);
     if bind_channel {
-        let r = request(&mut server, now, client, Method::CHANNEL_BIND, Some(&nonce), |w| {
-            w.add_u32(AttrType::CHANNEL_NUMBER, u32::from(CHANNEL) << 16)
-                .add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
-        });
+        let r = request(
+            &mut server,
+            now,
+            client,
+            Method::CHANNEL_BIND,
+            Some(&nonce),
+            |w| {
+                w.add_u32(AttrType::CHANNEL_NUMBER, u32::from(CHANNEL) << 16)
+                    .add_xor_address(AttrType::XOR_PEER_ADDRESS, peer);
+            },
+        );
         assert_eq!(MessageRef::parse(&r).unwrap().class(), Class::Success);
     }
     Setup {

@@ -77,8 +77,17 @@ fn relays_bursts_of_indications_over_tcp() {
     let v = bench(
         &server,
         &[
-            "--clients", "4", "--transport", "tcp", "--indications", "--window", "4",
-            "--size", "1200", "--duration", "1",
+            "--clients",
+            "4",
+            "--transport",
+            "tcp",
+            "--indications",
+            "--window",
+            "4",
+            "--size",
+            "1200",
+            "--duration",
+            "1",
         ],
     );
     assert_eq!(v["transport"], "tcp");
@@ -95,14 +104,24 @@ fn measures_allocation_setups() {
     assert_eq!(u(&v, "allocations"), 40, "{v}");
     assert_eq!(u(&v, "failed"), 0, "{v}");
     assert!(v["allocations_per_s"].as_f64().unwrap() > 0.0, "{v}");
-    assert!(v["server_process"]["rss_bytes_per_allocation"].is_number(), "{v}");
+    assert!(
+        v["server_process"]["rss_bytes_per_allocation"].is_number(),
+        "{v}"
+    );
     assert_eq!(u(&v, "release_failures"), 0, "{v}");
 }
 
 #[test]
 fn refuses_addresses_off_loopback() {
     let out = Command::new(env!("CARGO_BIN_EXE_turnserver-bench"))
-        .args(["--server", "192.0.2.1:3478", "--user", "a", "--password", "b"])
+        .args([
+            "--server",
+            "192.0.2.1:3478",
+            "--user",
+            "a",
+            "--password",
+            "b",
+        ])
         .output()
         .expect("run turnserver-bench");
     assert_eq!(out.status.code(), Some(2));

@@ -204,7 +204,11 @@ impl Args {
         if self.mode == Mode::Alloc && self.allocations == 0 {
             return Err("--allocations must be at least 1".into());
         }
-        if self.rto_ms == 0 || self.sends == 0 || !(self.setup_timeout > 0.0) {
+        if self.rto_ms == 0
+            || self.sends == 0
+            || !self.setup_timeout.is_finite()
+            || self.setup_timeout <= 0.0
+        {
             return Err("--rto-ms, --sends and --setup-timeout must be above 0".into());
         }
         Ok(())
@@ -887,7 +891,7 @@ fn report(args: &Args, o: &Outcome) -> Json {
                 .set("elapsed_s", w)
                 .set(
                     "offered_pps",
-                    (args.rate > 0.0).then(|| args.rate * o.setup.ok as f64),
+                    (args.rate > 0.0).then_some(args.rate * o.setup.ok as f64),
                 )
                 .set("sent", sent)
                 .set("received", received)
@@ -1015,16 +1019,15 @@ fn print_text(args: &Args, o: &Outcome, j: &Json) {
                 o.window_s,
                 num(j, "allocations_per_s")
             );
-            if let Some(Json::Obj(s)) = get(j, "setup_ms") {
-                if !s.is_empty() {
-                    let sm = get(j, "setup_ms").expect("there");
-                    println!(
-                        "setup time   p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-                        num(sm, "p50"),
-                        num(sm, "p99"),
-                        num(sm, "max")
-                    );
-                }
+            if let Some(sm @ Json::Obj(s)) = get(j, "setup_ms")
+                && !s.is_empty()
+            {
+                println!(
+                    "setup time   p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                    num(sm, "p50"),
+                    num(sm, "p99"),
+                    num(sm, "max")
+                );
             }
         }
         _ => {

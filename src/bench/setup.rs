@@ -155,10 +155,10 @@ async fn transact(
                 Ok(Ok(())) => {}
             }
             while let Some(frame) = conn.recv(&mut scratch).map_err(TxError::Io)? {
-                if let Some((_, Class::Success | Class::Error, t)) = MessageRef::header(frame) {
-                    if t == *id {
-                        return Ok(frame.to_vec());
-                    }
+                if let Some((_, Class::Success | Class::Error, t)) = MessageRef::header(frame)
+                    && t == *id
+                {
+                    return Ok(frame.to_vec());
                 }
             }
         }
