@@ -43,7 +43,7 @@ use tokio::task::LocalSet;
 
 pub use json::Json;
 pub use load::{Framing, MARK_LEN};
-pub use procfs::Sample;
+pub use procfs::{Sample, UdpDrops};
 
 use conn::Conn;
 use load::{Counters, Plan};
@@ -575,6 +575,8 @@ struct Outcome {
     server_rss_released_kb: Option<u64>,
     server_error: Option<String>,
     generator: (Sample, Sample),
+    /// Datagrams dropped on full receive buffers during the traffic, by socket role.
+    udp_drops: UdpDrops,
 }
 
 /// Runs the benchmark and prints the report; success when traffic was relayed (or
@@ -636,9 +638,11 @@ fn measure(args: &Args) -> Result<Outcome, String> {
     let (msg_tx, msg_rx) = mpsc::channel();
     let mut cmd_txs = Vec::new();
     let mut joins = Vec::new();
+    let mut peer_ports = Vec::new();
     for t in 0..threads {
         let peer = conn::bind_udp(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0), 4 << 20)
             .map_err(|e| format!("cannot bind an echo peer on 127.0.0.1: {e}"))?;
+        peer_ports.push(peer.local_addr().map_or(0, |a| a.port()));
         let (cmd_tx, cmd_rx) = mpsc::channel();
         cmd_txs.push(cmd_tx);
         let (shared, msg_tx) = (shared.clone(), msg_tx.clone());
@@ -687,6 +691,7 @@ fn measure(args: &Args) -> Result<Outcome, String> {
     let read_server = |pid: Option<u32>| pid.map(Sample::read);
     let server_before = read_server(args.server_pid);
     let gen_before = Sample::read(0).unwrap_or_default();
+    let drops_before = UdpDrops::read(args.server, &peer_ports);
     let epoch = Instant::now();
     let start = epoch + Duration::from_millis(20);
     let plan = Plan {
@@ -716,6 +721,7 @@ fn measure(args: &Args) -> Result<Outcome, String> {
         }
     }
     let gen_after = Sample::read(0).unwrap_or_default();
+    let udp_drops = UdpDrops::read(args.server, &peer_ports).since(&drops_before);
     let server_after = read_server(args.server_pid);
     let window_s = match args.mode {
         Mode::Alloc => setup
@@ -774,6 +780,7 @@ fn measure(args: &Args) -> Result<Outcome, String> {
         server_rss_released_kb,
         server_error,
         generator: (gen_before, gen_after),
+        udp_drops,
     })
 }
 
@@ -918,6 +925,15 @@ fn report(args: &Args, o: &Outcome) -> Json {
                     "latency_us",
                     t.map_or(Json::Null, |t| latency_json(&t.latency)),
                 )
+                .set("udp_drops", {
+                    let d = &o.udp_drops;
+                    let mut dj = Json::obj();
+                    dj.set("server_listener", d.server_listener)
+                        .set("server_relays", d.server_relays)
+                        .set("peers", d.peers)
+                        .set("clients", d.clients);
+                    dj
+                })
                 .set("release_failures", o.released_failures);
         }
     }
@@ -1073,6 +1089,14 @@ fn print_text(args: &Args, o: &Outcome, j: &Json) {
                     num(j, "relayed_pps"),
                     num(j, "round_trips_per_s"),
                     o.window_s
+                );
+            }
+            let d = &o.udp_drops;
+            if d.server_listener + d.server_relays + d.peers + d.clients > 0 {
+                println!(
+                    "udp drops    full receive buffers: server listener {}, server relay sockets {}, \
+                     echo peers {}, clients {}",
+                    d.server_listener, d.server_relays, d.peers, d.clients
                 );
             }
             if let Some(l) = get(j, "latency_us").filter(|l| !matches!(l, Json::Null)) {
