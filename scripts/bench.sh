@@ -311,15 +311,16 @@ functions() {
   { callgrind_annotate --auto=no --threshold=100 "$f1" 2>/dev/null | sed 's/^/A /'
     callgrind_annotate --auto=no --threshold=100 "$f2" 2>/dev/null | sed 's/^/B /'; } |
     awk -v p="$packets" '
-      $3 ~ /^\(/ && $4 ~ /%\)$/ {
+      /^[AB] +[0-9,]+ +\( *[0-9.]+%\) / {
         ir = $2; gsub(",", "", ir)
         fn = $0; sub(/^[AB] +[0-9,]+ +\( *[0-9.]+%\) +/, "", fn); sub(/ \[[^]]*\]$/, "", fn)
         sub(/^[^:]*:/, "", fn)
+        if (fn == "PROGRAM TOTALS") next
         if ($1 == "A") a[fn] += ir; else b[fn] += ir
         seen[fn] = 1
       }
       END { for (f in seen) { d = (b[f] - a[f]) / p; if (d >= 1) printf "%8.1f  %s\n", d, f } }' |
-    sort -rn | head -40 >"$WORK/$name-ir-$test-functions.txt"
+    sort -rn | head -60 >"$WORK/$name-ir-$test-functions.txt"
 }
 
 # ---------------------------------------------------------------- the table
