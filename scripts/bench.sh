@@ -140,6 +140,7 @@ EOF
 start_server() {
   local name=$1
   shift
+  SERVER_NAME=$name SERVER_WRAPPER=("$@")
   case $name in
     turnserver)
       PORT=$PORT_OURS
@@ -189,6 +190,14 @@ ADDR=0
 gen() {
   local name=$1 test=$2
   shift 2
+  # Something else on the machine may end the server (it has happened): start it again, and
+  # say so in the results.
+  if ! kill -0 "$PID" 2>/dev/null; then
+    say "$name is gone before $test (see its log); starting it again"
+    echo "$name was gone before $test and was started again" >>"$WORK/restarts.txt"
+    wait "$PID" 2>/dev/null || true
+    start_server "$SERVER_NAME" "${SERVER_WRAPPER[@]}"
+  fi
   local perf_pid=""
   if [ "$HW" = 1 ]; then
     perf stat -x, -e instructions:u,instructions:k -p "$PID" -o "$WORK/$name-$test.perf" &
@@ -215,7 +224,7 @@ j() {
 
 # cpu_ticks PID: utime + stime of a process, in clock ticks.
 cpu_ticks() {
-  awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"
+  awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
 bench_server() {
@@ -413,6 +422,7 @@ describe() {
   echo "- coturn: $("$COTURN" --version 2>/dev/null | head -1); turnserver: $("$OURS" --version 2>/dev/null | head -1)"
   echo "- command: scripts/bench.sh$([ "$PIN" = 1 ] && echo ' --pin')$([ "$QUICK" = 1 ] && echo ' --quick')$([ "$CALLGRIND" = 0 ] && echo ' --no-callgrind'); pinning: $([ "$PIN" = 1 ] && echo 'server on CPU 0, generator on CPU 1' || echo 'none (both share both cores)')"
   echo "- hardware instruction counters: $([ "$HW" = 1 ] && echo 'yes (perf stat)' || echo 'not supported here (perf prints <not supported>): CPU time from /proc, instructions from callgrind')"
+  [ -s "$WORK/restarts.txt" ] && sed 's/^/- note: /' "$WORK/restarts.txt"
   echo "- loopback baseline, no server (generator to its echo peer): $(jq -r '"\(.round_trips_per_s|floor) round trips/s, p50 \(.latency_us.p50) us, p99 \(.latency_us.p99) us"' "$WORK/loopback-direct.json" 2>/dev/null)"
 }
 
