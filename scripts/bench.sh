@@ -13,8 +13,8 @@
 #     relayed packets per second and server CPU per relayed packet;
 #   * paced: 200 clients x 50 packets/s, UDP ChannelData, 100 bytes: loss, CPU per packet,
 #     latency;
-#   * peak: paced offered load raised step by step until more than 0.1% is lost; the highest
-#     rate relayed with at most 0.1% loss, then latency at half of it;
+#   * peak: paced offered load raised step by step until more than 0.1% is lost (twice in a
+#     row); the highest rate relayed with at most 0.1% loss, then latency at half of it;
 #   * cross-check: coturn's own turnutils_uclient (-z 0 -c) through each server to
 #     turnutils_peer, server CPU per relayed packet;
 #   * instructions: with hardware counters, `perf stat -e instructions:u,instructions:k` on the
@@ -241,22 +241,27 @@ bench_server() {
     --indications
   gen "$name" paced-200x50 --clients 200 --rate 50 --size 100 --duration "$PACED_S"
 
-  # Peak: offered load in steps, relative to the burst throughput, until loss > 0.1%.
-  local burst_rt peak=0 peak_rate=0 f rate
+  # Peak: offered load in steps, relative to the burst throughput, until loss > 0.1% (a step
+  # that fails is tried once more before the search stops: other work on the machine can cost
+  # a step its packets).
+  local burst_rt peak=0 peak_rate=0 f rate try passed loss pps
   burst_rt=$(j "$name" burst-udp-100 '.round_trips_per_s')
   for f in 0.5 0.7 0.8 0.9 1.0 1.1 1.2 1.35 1.5; do
     rate=$(awk -v b="$burst_rt" -v f="$f" 'BEGIN { printf "%.1f", b * f / 100 }')
-    gen "$name" step-$f --clients 100 --rate "$rate" --size 100 --duration "$STEP_S"
-    local loss pps
-    loss=$(j "$name" step-$f '.loss_pct')
-    pps=$(j "$name" step-$f '.relayed_pps')
-    if awk -v l="$loss" 'BEGIN { exit !(l != "-" && l <= 0.1) }'; then
-      if awk -v p="$pps" -v q="$peak" 'BEGIN { exit !(p > q) }'; then
-        peak=$pps peak_rate=$rate
+    passed=0
+    for try in a b; do
+      gen "$name" step-$f$try --clients 100 --rate "$rate" --size 100 --duration "$STEP_S"
+      loss=$(j "$name" step-$f$try '.loss_pct')
+      pps=$(j "$name" step-$f$try '.relayed_pps')
+      if awk -v l="$loss" 'BEGIN { exit !(l != "-" && l <= 0.1) }'; then
+        passed=1
+        if awk -v p="$pps" -v q="$peak" 'BEGIN { exit !(p > q) }'; then
+          peak=$pps peak_rate=$rate
+        fi
+        break
       fi
-    else
-      break
-    fi
+    done
+    [ "$passed" = 1 ] || break
   done
   echo "$peak" >"$WORK/$name-peak.txt"
   if [ "$peak_rate" != 0 ]; then
