@@ -179,7 +179,7 @@ mod tests {
         let client = "5: 0301017F:9C40 0100007F:0DFA 01 00000000:00000000 00:00000000 00000000 0 0 9 2 0000000000000000 5";
         assert_eq!(
             parse_udp_line(client).unwrap().0,
-            "127.1.1.3:40000".parse().unwrap()
+            "127.1.1.3:40000".parse::<std::net::SocketAddr>().unwrap()
         );
         assert!(parse_udp_line("  sl  local_address rem_address").is_none());
 
