@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod bench;
 pub mod config;
 pub mod core;
 pub mod daemon;
