@@ -20,14 +20,12 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use common::browser::{browser_available, chromium, run_node};
 use common::{PASSWORD, TempDir, TestCerts, TestServer, USER};
 
 /// The longest the runner (node and Chromium) may take before it is killed.
@@ -36,127 +34,6 @@ const RUNNER_DEADLINE: Duration = Duration::from_secs(90);
 const RUNNER_BUDGET_MS: u64 = 75_000;
 /// Messages each side of the data channel sends (page.html's `messages()`).
 const MESSAGES_EACH_WAY: u32 = 20;
-
-// ---------------------------------------------------------------------------------------------
-// Prerequisites and running the runner
-// ---------------------------------------------------------------------------------------------
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-fn chromium() -> PathBuf {
-    std::env::var_os("TURNSERVER_CHROMIUM").map_or_else(|| "/usr/bin/chromium".into(), Into::into)
-}
-
-/// The major version of `node`, if it runs.
-fn node_major() -> Option<u32> {
-    let out = Command::new("node").arg("--version").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .strip_prefix('v')?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// True when the browser test can run. Otherwise fails when `TURNSERVER_REQUIRE_BROWSER=1`,
-/// and returns false (after saying so) when not.
-fn browser_available() -> bool {
-    let mut missing = Vec::new();
-    match node_major() {
-        None => missing.push("node (apt-get install nodejs npm; Node 20 or newer)".to_string()),
-        Some(v) if v < 20 => missing.push(format!("node 20 or newer (found {v})")),
-        Some(_) => {}
-    }
-    if !chromium().is_file() {
-        let path = chromium().display().to_string();
-        missing.push(format!(
-            "{path} (apt-get install chromium; never a downloaded browser)"
-        ));
-    }
-    if !browser_dir()
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
-        missing.push(
-            "tests/browser/node_modules/playwright-core (npm ci --prefix tests/browser)".into(),
-        );
-    }
-    if Command::new("certutil").output().is_err() {
-        missing.push(
-            "certutil, to trust the test CA for turns: (apt-get install libnss3-tools)".into(),
-        );
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let what = missing.join("; ");
-    if std::env::var("TURNSERVER_REQUIRE_BROWSER").as_deref() == Ok("1") {
-        panic!("TURNSERVER_REQUIRE_BROWSER=1 but the browser test cannot run, missing: {what}");
-    }
-    eprintln!("skipping: the browser test needs {what}");
-    false
-}
-
-struct RunOutput {
-    /// None when the runner was killed at the deadline.
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-/// Runs the runner with `config` until it exits or `RUNNER_DEADLINE` passes; then it gets
-/// SIGTERM (node's playwright closes Chromium on it) and, 5 s later, SIGKILL.
-fn run_runner(config: &str) -> RunOutput {
-    let mut child = Command::new("node")
-        .arg("run.mjs")
-        .env("TURNSERVER_BROWSER_CONFIG", config)
-        .current_dir(browser_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start node: {e}"));
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().unwrap()));
-    let stderr = collect(Box::new(child.stderr.take().unwrap()));
-    let start = Instant::now();
-    let mut termed = None;
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break termed.is_none().then_some(status);
-        }
-        match termed {
-            None if start.elapsed() >= RUNNER_DEADLINE => {
-                let pid = child.id().to_string();
-                let _ = Command::new("kill").args(["-TERM", &pid]).status();
-                termed = Some(Instant::now());
-            }
-            Some(t) if t.elapsed() >= Duration::from_secs(5) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            _ => {}
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    RunOutput {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-        elapsed: start.elapsed(),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The cases (run.mjs's input) and the results (its output)
@@ -517,7 +394,7 @@ fn show(v: Option<impl ToString>) -> String {
 
 #[test]
 fn chromium_relays_through_the_server() {
-    if !browser_available() {
+    if !browser_available("the browser test", true) {
         return;
     }
     let dir = TempDir::new("browser");
@@ -540,7 +417,12 @@ fn chromium_relays_through_the_server() {
         "tlsProbe": { "cert": certs.cert, "key": certs.key },
     })
     .to_string();
-    let out = run_runner(&config);
+    let out = run_node(
+        "run.mjs",
+        "TURNSERVER_BROWSER_CONFIG",
+        &config,
+        RUNNER_DEADLINE,
+    );
     let context = |why: &str| {
         format!(
             "{why}\nrunner status {:?} after {:?}\nconfig: {config}\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",

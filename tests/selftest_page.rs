@@ -18,16 +18,13 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use common::{PASSWORD, TestServer, USER};
+use common::browser::{browser_available, chromium, run_node};
+use common::{PASSWORD, TestServer, USER, http_get_head};
 
 /// The page as compiled into the server.
 const PAGE: &str = include_str!("../src/daemon/selftest.html");
@@ -58,19 +55,6 @@ fn start_with_page() -> (TestServer, u16) {
         server.log()
     );
     (server, http_port)
-}
-
-/// GET `path` from 127.0.0.1:`port`: the response head and body.
-fn http_get(port: u16, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no end of head in {response:?}"));
-    (head.to_string(), body.to_string())
 }
 
 fn server_urls(server: &TestServer) -> [String; 2] {
@@ -149,7 +133,7 @@ fn page_is_self_contained() {
 #[test]
 fn page_is_served_with_this_servers_urls() {
     let (server, http_port) = start_with_page();
-    let (head, body) = http_get(http_port, "/");
+    let (head, body) = http_get_head(http_port, "/");
     let head = head.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200 ok"), "{head}");
     for header in [
@@ -170,125 +154,7 @@ fn page_is_served_with_this_servers_urls() {
     assert!(!body.contains(TOKEN));
     assert_eq!(body.len(), PAGE.len() - TOKEN.len() + urls.len());
     // Served at /index.html too, whatever the query.
-    assert_eq!(http_get(http_port, "/index.html?x=1").1, body);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Prerequisites and running the runner (as in tests/browser.rs)
-// ---------------------------------------------------------------------------------------------
-
-fn browser_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
-fn chromium() -> PathBuf {
-    std::env::var_os("TURNSERVER_CHROMIUM").map_or_else(|| "/usr/bin/chromium".into(), Into::into)
-}
-
-/// The major version of `node`, if it runs.
-fn node_major() -> Option<u32> {
-    let out = Command::new("node").arg("--version").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.trim()
-        .strip_prefix('v')?
-        .split('.')
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// True when the browser test can run. Otherwise fails when `TURNSERVER_REQUIRE_BROWSER=1`,
-/// and returns false (after saying so) when not.
-fn browser_available() -> bool {
-    let mut missing = Vec::new();
-    match node_major() {
-        None => missing.push("node (apt-get install nodejs npm; Node 20 or newer)".to_string()),
-        Some(v) if v < 20 => missing.push(format!("node 20 or newer (found {v})")),
-        Some(_) => {}
-    }
-    if !chromium().is_file() {
-        let path = chromium().display().to_string();
-        missing.push(format!(
-            "{path} (apt-get install chromium; never a downloaded browser)"
-        ));
-    }
-    if !browser_dir()
-        .join("node_modules/playwright-core/package.json")
-        .is_file()
-    {
-        missing.push(
-            "tests/browser/node_modules/playwright-core (npm ci --prefix tests/browser)".into(),
-        );
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let what = missing.join("; ");
-    if std::env::var("TURNSERVER_REQUIRE_BROWSER").as_deref() == Ok("1") {
-        panic!(
-            "TURNSERVER_REQUIRE_BROWSER=1 but the self-test page test cannot run, missing: {what}"
-        );
-    }
-    eprintln!("skipping: the self-test page test needs {what}");
-    false
-}
-
-struct RunOutput {
-    /// None when the runner was killed at the deadline.
-    status: Option<ExitStatus>,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-/// Runs selftest.mjs with `config` until it exits or `RUNNER_DEADLINE` passes; then it gets
-/// SIGTERM (playwright closes Chromium on it) and, 5 s later, SIGKILL.
-fn run_runner(config: &str) -> RunOutput {
-    let mut child = Command::new("node")
-        .arg("selftest.mjs")
-        .env("TURNSERVER_SELFTEST_CONFIG", config)
-        .current_dir(browser_dir())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start node: {e}"));
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().unwrap()));
-    let stderr = collect(Box::new(child.stderr.take().unwrap()));
-    let start = Instant::now();
-    let mut termed = None;
-    let status = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            break termed.is_none().then_some(status);
-        }
-        match termed {
-            None if start.elapsed() >= RUNNER_DEADLINE => {
-                let pid = child.id().to_string();
-                let _ = Command::new("kill").args(["-TERM", &pid]).status();
-                termed = Some(Instant::now());
-            }
-            Some(t) if t.elapsed() >= Duration::from_secs(5) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            _ => {}
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    RunOutput {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-        elapsed: start.elapsed(),
-    }
+    assert_eq!(http_get_head(http_port, "/index.html?x=1").1, body);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -779,7 +645,7 @@ fn show(v: Option<f64>) -> String {
 
 #[test]
 fn chromium_runs_the_self_test_page() {
-    if !browser_available() {
+    if !browser_available("the self-test page test", false) {
         return;
     }
     let (server, http_port) = start_with_page();
@@ -792,7 +658,12 @@ fn chromium_runs_the_self_test_page() {
         "cases": cases.iter().map(Case::config).collect::<Vec<_>>(),
     })
     .to_string();
-    let out = run_runner(&config);
+    let out = run_node(
+        "selftest.mjs",
+        "TURNSERVER_SELFTEST_CONFIG",
+        &config,
+        RUNNER_DEADLINE,
+    );
     let context = |why: &str| {
         format!(
             "{why}\nrunner status {:?} after {:?}\nconfig: {config}\nstdout:\n{}\nstderr:\n{}\nserver log:\n{}",

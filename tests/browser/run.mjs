@@ -32,23 +32,10 @@ import https from 'node:https';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { FLAGS } from './chromium.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const log = (...args) => console.error('[run.mjs]', ...args);
-
-const FLAGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--allow-loopback-in-peer-connection',
-  '--disable-features=WebRtcHideLocalIpsWithMdns',
-  // Nothing but IP literals is contacted: no name resolves (localhost excepted).
-  '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1',
-];
 
 function readConfig() {
   const text = process.argv[2] ?? process.env.TURNSERVER_BROWSER_CONFIG;

@@ -25,22 +25,9 @@
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { FLAGS } from './chromium.mjs';
 
 const log = (...args) => console.error('[selftest.mjs]', ...args);
-
-// As in run.mjs: nothing but IP literals is contacted, no background traffic.
-const FLAGS = [
-  '--no-sandbox',
-  '--disable-gpu',
-  '--disable-quic',
-  '--no-first-run',
-  '--disable-background-networking',
-  '--disable-component-update',
-  '--disable-sync',
-  '--allow-loopback-in-peer-connection',
-  '--disable-features=WebRtcHideLocalIpsWithMdns',
-  '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE localhost , EXCLUDE 127.0.0.1',
-];
 
 function readConfig() {
   const text = process.argv[2] ?? process.env.TURNSERVER_SELFTEST_CONFIG;

@@ -2,6 +2,8 @@
 //! configuration written for the test, and stops it when dropped.
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
@@ -510,22 +512,28 @@ pub fn channel_data(number: u16, payload: &[u8]) -> Vec<u8> {
 
 /// `GET path` over HTTP/1.1 from 127.0.0.1:`port`: the status code and the body.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http connect");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("http response");
-    let status = text
+    let (head, body) = http_get_head(port, path);
+    let status = head
         .split(' ')
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("a status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
     (status, body)
+}
+
+/// `GET path` over HTTP/1.1 from 127.0.0.1:`port`: the response head (status line and
+/// headers) and the body.
+pub fn http_get_head(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("http connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).expect("http response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {response:?}"));
+    (head.to_owned(), body.to_owned())
 }
 
 /// The value of the sample `name{labels}` (or `name` alone) in a Prometheus exposition.
