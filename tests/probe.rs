@@ -126,15 +126,7 @@ fn last_line(run: &Run) -> &str {
 #[test]
 fn passes_over_udp() {
     let server = common::start("");
-    let run = probe(&[
-        &udp_url(server.port),
-        "--user",
-        common::USER,
-        "--password",
-        common::PASSWORD,
-        "--realm",
-        common::REALM,
-    ]);
+    let run = probe_alice(&udp_url(server.port), &["--realm", common::REALM]);
     assert_passed(&run, &[]);
     assert!(run.stdout.contains("5/5 round trips"), "{run:?}");
     assert!(run.stdout.contains("realm test.local"), "{run:?}");
@@ -144,15 +136,7 @@ fn passes_over_udp() {
 #[test]
 fn passes_over_tcp() {
     let server = common::start("");
-    let run = probe(&[
-        &tcp_url(server.port),
-        "--user",
-        common::USER,
-        "--password",
-        common::PASSWORD,
-        "--count",
-        "3",
-    ]);
+    let run = probe_alice(&tcp_url(server.port), &["--count", "3"]);
     assert_passed(&run, &["connect"]);
     assert!(run.stdout.contains("over tcp"), "{run:?}");
     assert!(run.stdout.contains("3/3 round trips"), "{run:?}");
@@ -161,13 +145,7 @@ fn passes_over_tcp() {
 #[test]
 fn passes_with_a_host_name() {
     let server = common::start("");
-    let run = probe(&[
-        &format!("turn:localhost:{}", server.port),
-        "--user",
-        common::USER,
-        "--password",
-        common::PASSWORD,
-    ]);
+    let run = probe_alice(&format!("turn:localhost:{}", server.port), &[]);
     // localhost may resolve to ::1 first, where the server does not listen: only a run that
     // resolved to 127.0.0.1 must pass.
     if run.stdout.contains("localhost is 127.0.0.1") {
@@ -180,14 +158,7 @@ fn passes_with_a_host_name() {
 #[test]
 fn json_report_parses_and_names_every_step() {
     let server = common::start("");
-    let run = probe(&[
-        &udp_url(server.port),
-        "--user",
-        common::USER,
-        "--password",
-        common::PASSWORD,
-        "--json",
-    ]);
+    let run = probe_alice(&udp_url(server.port), &["--json"]);
     assert_eq!(run.code, 0, "{run:?}");
     let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).expect("one JSON object");
     assert_eq!(v["ok"], true, "{v}");
@@ -237,15 +208,7 @@ fn json_report_of_a_failure_carries_the_error() {
 fn external_echo_peer() {
     let server = common::start("");
     let peer = common::udp_echo_peer(10, Duration::from_secs(20));
-    let run = probe(&[
-        &udp_url(server.port),
-        "--user",
-        common::USER,
-        "--password",
-        common::PASSWORD,
-        "--peer",
-        &peer.to_string(),
-    ]);
+    let run = probe_alice(&udp_url(server.port), &["--peer", &peer.to_string()]);
     assert_passed(&run, &[]);
     assert!(run.stdout.contains("external echo peer"), "{run:?}");
 }
@@ -284,15 +247,7 @@ fn missing_credentials_are_asked_for() {
 #[test]
 fn wrong_realm_is_reported() {
     let server = common::start("");
-    let run = probe(&[
-        &udp_url(server.port),
-        "--user",
-        common::USER,
-        "--password",
-        common::PASSWORD,
-        "--realm",
-        "wrong",
-    ]);
+    let run = probe_alice(&udp_url(server.port), &["--realm", "wrong"]);
     assert_eq!(run.code, 1, "{run:?}");
     let last = last_line(&run);
     assert!(last.contains("wrong realm"), "{run:?}");
@@ -511,6 +466,13 @@ fn fake_args(server: &FakeServer) -> Vec<String> {
         "--timeout".into(),
         "1".into(),
     ]
+}
+
+/// Runs the probe on `url` with the harness's user and password, then `extra`.
+fn probe_alice(url: &str, extra: &[&str]) -> Run {
+    let mut args = vec![url, "--user", common::USER, "--password", common::PASSWORD];
+    args.extend_from_slice(extra);
+    probe(&args)
 }
 
 fn probe_fake(server: &FakeServer, extra: &[&str]) -> Run {

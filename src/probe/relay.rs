@@ -210,6 +210,72 @@ fn round_prefix(seq: u32, count: u32) -> String {
     }
 }
 
+/// One round trip's wait for its payload to come back to the client.
+struct Wait<'a> {
+    p: &'a [u8],
+    token: &'a [u8; 8],
+    seq: u32,
+    count: u32,
+    /// The peer the payload went through, for the Data-indication explanation.
+    peer: SocketAddr,
+    deadline: Instant,
+    /// "data" or "echo", in messages.
+    what: &'static str,
+}
+
+/// Waits on the control connection until `w.p` comes back as ChannelData on [`CHANNEL`]:
+/// late copies of earlier rounds are skipped, anything else carrying a wrong payload fails.
+/// When the retransmission timer (500 ms, doubling) runs out, `resend` sends again; at the
+/// deadline the round trip fails with `unreachable`. Returns how many times it resent.
+fn await_on_channel(
+    s: &mut Session,
+    w: &Wait<'_>,
+    mut resend: impl FnMut(&mut Session) -> Result<(), Fail>,
+    unreachable: String,
+) -> Result<u32, Fail> {
+    let prefix = || round_prefix(w.seq, w.count);
+    let mut rto = RTO;
+    let mut resent = 0;
+    let mut next_send = Instant::now() + rto;
+    loop {
+        match s.ctl.recv(next_send.min(w.deadline)) {
+            Ok(frame) => match read_server(&frame) {
+                FromServer::Channel(n, data) if data == w.p => {
+                    if n != CHANNEL {
+                        return Err(Fail::new(format!(
+                            "{}the {} came on channel 0x{n:04x}, not on the bound channel 0x4000",
+                            prefix(),
+                            w.what
+                        )));
+                    }
+                    return Ok(resent);
+                }
+                FromServer::Channel(_, data) if earlier(&data, w.token, w.seq) => {}
+                FromServer::Channel(CHANNEL, data) => {
+                    return Err(Fail::new(format!("{}{}", prefix(), changed(w.p, &data))));
+                }
+                FromServer::Indication(from, data) if data == w.p => {
+                    return Err(indication_fail(from, w.peer));
+                }
+                _ => {}
+            },
+            Err(NetError::Timeout) => {
+                let now = Instant::now();
+                if now >= w.deadline {
+                    return Err(Fail::new(format!("{}{unreachable}", prefix())));
+                }
+                if now >= next_send {
+                    resend(s)?;
+                    resent += 1;
+                    rto *= 2;
+                    next_send = now + rto;
+                }
+            }
+            Err(e) => return Err(s.net_fail(e, "the round trips")),
+        }
+    }
+}
+
 /// Round trips with the probe's own peer: the peer sends to the relayed address, the data
 /// must come to the client as ChannelData on [`CHANNEL`], the client sends it back as
 /// ChannelData, and the peer must get it from the relayed address. Lost datagrams are resent
@@ -232,53 +298,29 @@ pub fn local_round_trips(
         let deadline = start + s.timeout;
 
         // Peer -> relay -> client.
-        let mut rto = RTO;
         peer.socket.send_to(&p, relayed).map_err(peer_io)?;
-        let mut next_send = Instant::now() + rto;
-        loop {
-            match s.ctl.recv(next_send.min(deadline)) {
-                Ok(frame) => match read_server(&frame) {
-                    FromServer::Channel(n, data) if data == p => {
-                        if n != CHANNEL {
-                            return Err(Fail::new(format!(
-                                "{}the data came on channel 0x{n:04x}, not on the bound channel 0x4000",
-                                round_prefix(seq, count)
-                            )));
-                        }
-                        break;
-                    }
-                    FromServer::Channel(_, data) if earlier(&data, &token, seq) => {}
-                    FromServer::Channel(_, data) => {
-                        return Err(Fail::new(format!(
-                            "{}{}",
-                            round_prefix(seq, count),
-                            changed(&p, &data)
-                        )));
-                    }
-                    FromServer::Indication(from, data) if data == p => {
-                        return Err(indication_fail(from, peer.addr));
-                    }
-                    FromServer::Indication(..) | FromServer::Other => {}
-                },
-                Err(NetError::Timeout) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(Fail::new(format!(
-                            "{}relay unreachable: data did not come through the relay within {} s; a firewall may block UDP to the relay ports, or the advertised relay address ({relayed}) is wrong (external-ip)",
-                            round_prefix(seq, count),
-                            s.timeout_text
-                        )));
-                    }
-                    if now >= next_send {
-                        peer.socket.send_to(&p, relayed).map_err(peer_io)?;
-                        resent += 1;
-                        rto *= 2;
-                        next_send = now + rto;
-                    }
-                }
-                Err(e) => return Err(s.net_fail(e, "the round trips")),
-            }
-        }
+        let unreachable = format!(
+            "relay unreachable: data did not come through the relay within {} s; a firewall may block UDP to the relay ports, or the advertised relay address ({relayed}) is wrong (external-ip)",
+            s.timeout_text
+        );
+        let wait = Wait {
+            p: &p,
+            token: &token,
+            seq,
+            count,
+            peer: peer.addr,
+            deadline,
+            what: "data",
+        };
+        resent += await_on_channel(
+            s,
+            &wait,
+            |_| {
+                peer.socket.send_to(&p, relayed).map_err(peer_io)?;
+                Ok(())
+            },
+            unreachable,
+        )?;
 
         // Client -> relay -> peer.
         let frame = channel_data(CHANNEL, &p);
@@ -366,57 +408,32 @@ pub fn echo_round_trips(
         let frame = channel_data(CHANNEL, &p);
         let start = Instant::now();
         let deadline = start + s.timeout;
-        let mut rto = RTO;
         s.ctl
             .send(&frame, deadline)
             .map_err(|e| s.net_fail(e, "the round trips"))?;
-        let mut next_send = Instant::now() + rto;
-        loop {
-            match s.ctl.recv(next_send.min(deadline)) {
-                Ok(f) => match read_server(&f) {
-                    FromServer::Channel(n, data) if data == p => {
-                        if n != CHANNEL {
-                            return Err(Fail::new(format!(
-                                "{}the echo came on channel 0x{n:04x}, not on the bound channel 0x4000",
-                                round_prefix(seq, count)
-                            )));
-                        }
-                        break;
-                    }
-                    FromServer::Channel(_, data) if earlier(&data, &token, seq) => {}
-                    FromServer::Channel(CHANNEL, data) => {
-                        return Err(Fail::new(format!(
-                            "{}{}",
-                            round_prefix(seq, count),
-                            changed(&p, &data)
-                        )));
-                    }
-                    FromServer::Indication(from, data) if data == p => {
-                        return Err(indication_fail(from, peer));
-                    }
-                    _ => {}
-                },
-                Err(NetError::Timeout) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(Fail::new(format!(
-                            "{}relay unreachable: no echo came back through the relay within {} s; the peer {peer} did not answer (is it a UDP echo server?), a firewall blocks UDP between the relay ({relayed}) and the peer, or the server does not forward ChannelData",
-                            round_prefix(seq, count),
-                            s.timeout_text
-                        )));
-                    }
-                    if now >= next_send {
-                        s.ctl
-                            .send(&frame, deadline)
-                            .map_err(|e| s.net_fail(e, "the round trips"))?;
-                        resent += 1;
-                        rto *= 2;
-                        next_send = now + rto;
-                    }
-                }
-                Err(e) => return Err(s.net_fail(e, "the round trips")),
-            }
-        }
+        let unreachable = format!(
+            "relay unreachable: no echo came back through the relay within {} s; the peer {peer} did not answer (is it a UDP echo server?), a firewall blocks UDP between the relay ({relayed}) and the peer, or the server does not forward ChannelData",
+            s.timeout_text
+        );
+        let wait = Wait {
+            p: &p,
+            token: &token,
+            seq,
+            count,
+            peer,
+            deadline,
+            what: "echo",
+        };
+        resent += await_on_channel(
+            s,
+            &wait,
+            |s| {
+                s.ctl
+                    .send(&frame, deadline)
+                    .map_err(|e| s.net_fail(e, "the round trips"))
+            },
+            unreachable,
+        )?;
         rtts.push(start.elapsed());
     }
     Ok(summary(&rtts, resent, relayed, ""))
