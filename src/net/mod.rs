@@ -70,7 +70,6 @@ type Parked = Arc<std::sync::Mutex<HashMap<SocketAddr, std::net::UdpSocket>>>;
 #[derive(Debug, Clone)]
 pub struct Shard {
     pub index: usize,
-    pub count: usize,
     secret: [u8; 32],
     shared: crate::core::Shared,
     parked: Parked,
@@ -99,7 +98,6 @@ impl Shard {
         Ok((0..count)
             .map(|index| Shard {
                 index,
-                count,
                 secret,
                 shared: shared.clone(),
                 parked: parked.clone(),
