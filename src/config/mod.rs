@@ -135,6 +135,9 @@ pub struct Config {
     pub prometheus: Option<SocketAddr>,
     /// Relay threads (`workers`); 0 means one per CPU the process may run on.
     pub workers: u32,
+    /// Send runs of same-size UDP datagrams to one destination as one GSO send where the
+    /// kernel offers it (`udp-gso`, default on).
+    pub udp_gso: bool,
 }
 
 /// A setting that differs between two configurations and only takes effect on restart.
@@ -475,6 +478,7 @@ struct RawConfig {
     prometheus_port: Option<Spanned<u16>>,
     prometheus_ip: Option<Spanned<String>>,
     workers: Option<Spanned<u32>>,
+    udp_gso: Option<Spanned<bool>>,
 }
 
 /// Builds validation errors that carry the line of the offending value.
@@ -1000,6 +1004,7 @@ impl RawConfig {
             log_json,
             prometheus,
             workers,
+            udp_gso: value_or(&self.udp_gso, true),
         })
     }
 
@@ -1320,6 +1325,15 @@ impl Config {
         } else {
             let _ = writeln!(out, "workers: {}", self.workers);
         }
+        let _ = writeln!(
+            out,
+            "udp segmentation offload: {}",
+            if self.udp_gso {
+                "where the kernel offers it"
+            } else {
+                "off"
+            }
+        );
         match self.prometheus {
             Some(addr) => {
                 let _ = writeln!(out, "metrics and self-test page: http://{addr}/");
@@ -1601,6 +1615,7 @@ bob = "b"
             "prometheus-port",
             "prometheus-ip",
             "workers",
+            "udp-gso",
         ] {
             let assignment = format!("{key} =");
             let present = EXAMPLE.lines().any(|line| {

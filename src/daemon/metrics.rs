@@ -214,6 +214,16 @@ pub fn render(s: &Snapshot, status: &Status) -> String {
             })
             .collect(),
     );
+    f.counter(
+        "turnserver_udp_gso_sends_total",
+        "Runs of same-size datagrams to one destination sent as one UDP GSO send.",
+        one(s.gso_sends),
+    );
+    f.counter(
+        "turnserver_udp_gso_datagrams_total",
+        "Datagrams sent within UDP GSO sends.",
+        one(s.gso_datagrams),
+    );
     f.gauge(
         "turnserver_relay_ports_used",
         "Relay ports taken by allocations and reservations.",

@@ -96,6 +96,9 @@ pub struct Snapshot {
     /// Frames to clients dropped because the client's send queue or socket buffer was full, by
     /// transport.
     pub send_dropped: [u64; 4],
+    /// UDP segmentation offload: GSO sends, and the datagrams they carried.
+    pub gso_sends: u64,
+    pub gso_datagrams: u64,
 }
 
 impl Snapshot {
@@ -123,6 +126,8 @@ impl Snapshot {
                 None => self.listeners.push(l.clone()),
             }
         }
+        self.gso_sends += other.gso_sends;
+        self.gso_datagrams += other.gso_datagrams;
         for i in 0..4 {
             self.open_connections[i] += other.open_connections[i];
             self.send_dropped[i] += other.send_dropped[i];

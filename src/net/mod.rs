@@ -10,6 +10,7 @@
 //! an allocation. Sends are non-blocking too: a UDP send that would block drops the datagram
 //! (as a full network would); a TCP send that would block queues whole frames up to a bound.
 
+mod batch;
 pub mod control;
 pub mod dtls;
 mod stream;
@@ -34,14 +35,13 @@ use crate::config::{Config, UserKey};
 use crate::core::{
     Cidr, ClientAction, ClientId, PeerAction, RelaySockets, Server, ServerConfig, Transport,
 };
-use crate::wire::{HEADROOM, TAILROOM};
+use crate::wire::HEADROOM;
+use batch::{MAX_DATAGRAM, Outbox, Via};
 
 pub use control::{Command, Commands, Handle, ListenerStats, Snapshot};
 pub use stream::StreamConn;
 use tls::CertStore;
 
-/// Largest UDP payload, and so the largest datagram a relay or listener socket reads.
-const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams drained from one socket per wakeup before yielding to other tasks.
 const BATCH: usize = 64;
 /// Size of the reply buffer: a response never carries DATA, so this bounds REALM, NONCE,
@@ -156,9 +156,17 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
 
 /// Scratch buffers shared by every receive path of a driver.
 struct Buffers {
-    /// Datagrams are received at `HEADROOM` so a header can be written in front.
-    input: Box<[u8]>,
+    /// UDP datagrams are received into the outbox's arena (at `HEADROOM`, so a header can be
+    /// written in front) and forwarded from there when the receive batch ends.
+    out: Outbox,
     reply: Box<[u8]>,
+}
+
+/// Whether `msg` (a datagram from a client) is a STUN message other than a Send indication:
+/// a request may change allocations, so the datagrams held before it are sent first.
+#[inline]
+fn is_request(msg: &[u8]) -> bool {
+    msg.len() >= 2 && msg[0] & 0xC0 == 0 && !(msg[0] == 0x00 && msg[1] == 0x16)
 }
 
 /// The relay sockets of a driver, indexed by port, each with the task receiving on it.
@@ -171,7 +179,11 @@ pub struct RelayTable {
 
 impl RelayTable {
     fn get(&self, addr: SocketAddr) -> Option<&Rc<UdpSocket>> {
-        let i = addr.port().checked_sub(self.min_port)? as usize;
+        self.at(self.index(addr)?)
+    }
+
+    /// The socket at index `i` (see [`index`](Self::index)).
+    fn at(&self, i: usize) -> Option<&Rc<UdpSocket>> {
         self.sockets.get(i)?.as_ref().map(|(s, _)| s)
     }
 
@@ -327,6 +339,11 @@ pub struct Driver {
     /// Frames to clients dropped on a full socket buffer or send queue, by transport.
     send_dropped: [Cell<u64>; 4],
     bufs: RefCell<Buffers>,
+    /// What the kernel offers for UDP segmentation offload; `None` where it offers none.
+    gso: Option<quinn_udp::UdpSocketState>,
+    /// GSO sends that went out, and the datagrams in them.
+    gso_sends: Cell<u64>,
+    gso_datagrams: Cell<u64>,
 }
 
 impl Driver {
@@ -357,6 +374,10 @@ impl Driver {
     /// Applies the reloadable settings of `cfg`; returns those left as they were.
     fn reconfigure(&self, cfg: &Config) -> Vec<&'static str> {
         let ignored = self.server.borrow_mut().reconfigure(server_config(cfg));
+        self.bufs
+            .borrow_mut()
+            .out
+            .set_max_segments(gso_segments(self.gso.as_ref(), cfg));
         self.max_connections.set(cfg.max_connections as usize);
         self.idle_with_allocation.set(idle_with_allocation(cfg));
         self.idle_without_allocation
@@ -378,6 +399,8 @@ impl Driver {
             listeners: self.listeners.iter().map(ListenerCounters::stats).collect(),
             open_connections: std::array::from_fn(|i| self.open[i].get()),
             send_dropped: std::array::from_fn(|i| self.send_dropped[i].get()),
+            gso_sends: self.gso_sends.get(),
+            gso_datagrams: self.gso_datagrams.get(),
         }
     }
 
@@ -412,62 +435,149 @@ impl Driver {
         }
     }
 
-    /// Returns `true` if the batch was used up (more may be waiting).
+    /// Receives up to a batch of datagrams from a UDP listener and handles them; forwarded
+    /// datagrams go out when the batch ends. Returns `true` if the batch was used up (more may
+    /// be waiting).
     fn drain_udp_listener(&self, sock: &UdpSocket, local: SocketAddr, idx: usize) -> bool {
         let mut bufs = self.bufs.borrow_mut();
-        let Buffers { input, reply } = &mut *bufs;
+        let Buffers { out, reply } = &mut *bufs;
         let now = Instant::now();
         let counters = &self.listeners[idx];
+        let mut full = true;
         for _ in 0..BATCH {
-            match sock.try_recv_from(&mut input[..MAX_DATAGRAM]) {
-                Ok((n, remote)) => {
-                    counters.count(n);
-                    let client = ClientId {
-                        transport: Transport::Udp,
-                        remote,
-                        local,
-                    };
-                    self.client_input(now, client, &input[..n], reply, |r| {
-                        let _ = send_udp(sock, r, remote);
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) => {
-                    debug!(%local, error = %e, "udp receive error");
-                    return false;
-                }
+            if !out.has_room() {
+                self.flush(out);
             }
-        }
-        true
-    }
-
-    /// Returns `true` if the batch was used up (more may be waiting).
-    fn drain_relay(&self, sock: &UdpSocket, relay: SocketAddr) -> bool {
-        let mut bufs = self.bufs.borrow_mut();
-        let buf = &mut bufs.input[..];
-        let now = Instant::now();
-        for _ in 0..BATCH {
-            match sock.try_recv_from(&mut buf[HEADROOM..HEADROOM + MAX_DATAGRAM]) {
-                Ok((n, peer)) => {
-                    let action = self.server.borrow_mut().handle_peer(
-                        now,
-                        relay,
-                        peer,
-                        buf,
-                        HEADROOM..HEADROOM + n,
-                    );
-                    if let PeerAction::Forward { client, range } = action {
-                        self.send_to_client(&client, &buf[range]);
+            let (buf, at) = out.slot();
+            let start = at + HEADROOM;
+            let (n, remote) = match sock.try_recv_from(&mut buf[start..start + MAX_DATAGRAM]) {
+                Ok(r) => r,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        debug!(%local, error = %e, "udp receive error");
+                    }
+                    full = false;
+                    break;
+                }
+            };
+            counters.count(n);
+            let input = &buf[start..start + n];
+            if is_request(input) && !out.is_empty() {
+                self.flush(out);
+            }
+            let (buf, _) = out.slot();
+            let input = &buf[start..start + n];
+            let client = ClientId {
+                transport: Transport::Udp,
+                remote,
+                local,
+            };
+            let action = {
+                let mut relays = self.relays.borrow_mut();
+                self.server
+                    .borrow_mut()
+                    .handle_client(now, client, input, reply, &mut *relays)
+            };
+            match action {
+                ClientAction::None => {}
+                ClientAction::Reply(len) => {
+                    let _ = send_udp(sock, &reply[..len], remote);
+                }
+                ClientAction::Forward {
+                    relay,
+                    peer,
+                    payload,
+                } => {
+                    if let Some(i) = self.relays.borrow().index(relay) {
+                        let range = start + payload.start..start + payload.end;
+                        out.push(Via::Relay(i as u32), peer, range);
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-                Err(e) => {
-                    debug!(%relay, error = %e, "relay receive error");
-                    return false;
-                }
             }
         }
-        true
+        self.flush(out);
+        full
+    }
+
+    /// Receives up to a batch of datagrams from a peer on a relay socket and forwards them to
+    /// the client: to a UDP client when the batch ends, to others at once. Returns `true` if
+    /// the batch was used up (more may be waiting).
+    fn drain_relay(&self, sock: &UdpSocket, relay: SocketAddr) -> bool {
+        let mut bufs = self.bufs.borrow_mut();
+        let out = &mut bufs.out;
+        let now = Instant::now();
+        let mut full = true;
+        for _ in 0..BATCH {
+            if !out.has_room() {
+                self.flush(out);
+            }
+            let (buf, at) = out.slot();
+            let start = at + HEADROOM;
+            let (n, peer) = match sock.try_recv_from(&mut buf[start..start + MAX_DATAGRAM]) {
+                Ok(r) => r,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        debug!(%relay, error = %e, "relay receive error");
+                    }
+                    full = false;
+                    break;
+                }
+            };
+            let action =
+                self.server
+                    .borrow_mut()
+                    .handle_peer(now, relay, peer, buf, start..start + n);
+            let PeerAction::Forward { client, range } = action else {
+                continue;
+            };
+            if client.transport == Transport::Udp {
+                match self.udp.iter().position(|(a, _)| *a == client.local) {
+                    Some(i) => out.push(Via::Listener(i as u32), client.remote, range),
+                    None => bump(&self.send_dropped[Transport::Udp as usize], 1),
+                }
+            } else {
+                self.send_to_client(&client, &buf[range]);
+            }
+        }
+        self.flush(out);
+        full
+    }
+
+    /// Sends the datagrams the outbox holds.
+    fn flush(&self, out: &mut Outbox) {
+        if out.is_empty() {
+            return;
+        }
+        let relays = self.relays.borrow();
+        let [_, to_clients] = out.flush(|s| {
+            let sock = match s.via {
+                Via::Relay(i) => relays.at(i as usize),
+                Via::Listener(i) => self.udp.get(i as usize).map(|(_, s)| s),
+            };
+            let Some(sock) = sock else {
+                return Ok(());
+            };
+            match (s.segment, &self.gso) {
+                (Some(segment), Some(state)) => {
+                    let transmit = quinn_udp::Transmit {
+                        destination: s.to,
+                        ecn: None,
+                        contents: s.bytes,
+                        segment_size: Some(segment),
+                        src_ip: None,
+                    };
+                    let sent = state.try_send((&**sock).into(), &transmit);
+                    if sent.is_ok() {
+                        bump(&self.gso_sends, 1);
+                        bump(&self.gso_datagrams, s.bytes.len().div_ceil(segment) as u64);
+                    }
+                    sent
+                }
+                (Some(_), None) => Err(io::ErrorKind::Unsupported.into()),
+                (None, _) => send_udp(sock, s.bytes, s.to).map(drop),
+            }
+        });
+        bump(&self.send_dropped[Transport::Udp as usize], to_clients);
     }
 
     fn on_timer(&self) {
@@ -475,6 +585,26 @@ impl Driver {
         self.server
             .borrow_mut()
             .handle_timeout(Instant::now(), &mut *relays);
+    }
+}
+
+/// Asks the kernel what UDP segmentation offload it offers, on a scratch socket (the state
+/// holds no socket; setting it up changes options of the socket it is given, which is why it
+/// is not one of ours). Any UDP socket may then send a GSO run through it.
+fn probe_gso() -> Option<quinn_udp::UdpSocketState> {
+    let scratch = ["127.0.0.1:0", "[::1]:0", "0.0.0.0:0", "[::]:0"]
+        .iter()
+        .find_map(|a| std::net::UdpSocket::bind(a).ok())?;
+    let state = quinn_udp::UdpSocketState::new((&scratch).into()).ok()?;
+    (state.max_gso_segments() > 1).then_some(state)
+}
+
+/// Datagrams per send for the outbox: the kernel's limit, or 1 (no GSO) when it has none or
+/// `udp-gso` is off.
+fn gso_segments(gso: Option<&quinn_udp::UdpSocketState>, cfg: &Config) -> usize {
+    match gso {
+        Some(state) if cfg.udp_gso => state.max_gso_segments(),
+        _ => 1,
     }
 }
 
@@ -734,6 +864,7 @@ pub async fn serve(
         dtls.push((counters.len() - 1, local));
     }
     let span = (cfg.max_port - cfg.min_port) as usize + 1;
+    let gso = probe_gso();
     let driver = Rc::new_cyclic(|me| Driver {
         server: RefCell::new(server),
         relays: RefCell::new(RelayTable {
@@ -755,9 +886,12 @@ pub async fn serve(
         open: Default::default(),
         send_dropped: Default::default(),
         bufs: RefCell::new(Buffers {
-            input: vec![0u8; HEADROOM + MAX_DATAGRAM + TAILROOM].into_boxed_slice(),
+            out: Outbox::new(gso_segments(gso.as_ref(), cfg)),
             reply: vec![0u8; REPLY_BUF].into_boxed_slice(),
         }),
+        gso,
+        gso_sends: Cell::new(0),
+        gso_datagrams: Cell::new(0),
     });
 
     // Tasks that take in new work (closed first at shutdown), and the rest.
@@ -790,6 +924,7 @@ pub async fn serve(
         min_port = cfg.min_port,
         max_port = cfg.max_port,
         worker = shard.index,
+        gso_segments = driver.bufs.borrow().out.max_segments(),
         "relay ports"
     );
     background.spawn_local(timer_loop(driver.clone()));
