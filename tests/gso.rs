@@ -7,7 +7,7 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Client, TestServer, channel_data, http_get, metric};
 
@@ -26,6 +26,28 @@ fn start(gso: bool) -> (TestServer, u16) {
         }
     }
     panic!("no metrics listener");
+}
+
+/// Waits until every thread of `pid` is stopped (state `T`): a stop signal takes effect
+/// asynchronously, and a thread still running would drain datagrams one by one.
+fn wait_stopped(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stopped = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("proc")
+            .filter_map(Result::ok)
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+            });
+        if stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "server threads did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn scrape(port: u16, sample: &str) -> f64 {
@@ -65,6 +87,7 @@ fn burst_both_ways(gso: bool) -> (f64, f64, bool) {
     assert_eq!(&buf[..n], b"hello");
 
     server.signal("STOP");
+    wait_stopped(server.pid());
     for k in 0..=RUN {
         c.send_raw(&channel_data(CHANNEL, &payload(0x55, k, len_of(k, 300))));
         peer.send_to(&payload(0xAA, k, len_of(k, 600)), relay)
