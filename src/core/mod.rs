@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
-use crate::auth::{NONCE_LEN, NonceCheck, NonceMint, Users};
+use crate::auth::{NONCE_LEN, NonceCheck, NonceMint, Users, Verdict};
 use crate::wire::{
     self, AttrType, ChannelData, ChannelNumber, Class, ErrorCode, FAMILY_IPV4, FAMILY_IPV6,
     HEADER_LEN, Integrity, MAGIC_COOKIE, MessageRef, MessageWriter, Method, PROTO_UDP, ParseError,
@@ -330,10 +330,11 @@ impl Rng {
     }
 }
 
-/// A keyed pseudo-random function (HMAC-SHA256 under the server secret) over a counter: the
-/// source of reservation tokens and of Data indication transaction IDs, which must be
-/// unpredictable to clients and peers (RFC 8489 5, RFC 8656 7.2). One MAC yields 32 bytes,
-/// handed out in pieces, so a Data indication costs a MAC every other datagram at most.
+/// A keyed pseudo-random function over a counter, SHA-256(key || label || counter): the source
+/// of reservation tokens and of Data indication transaction IDs, which must be unpredictable to
+/// clients and peers (RFC 8489 5, RFC 8656 7.2). The input has a fixed length of 54 bytes, one
+/// SHA-256 block (HMAC would take four compressions), and each block yields 32 bytes handed out
+/// in pieces, so a Data indication costs under half a compression.
 struct Prf {
     key: [u8; 32],
     counter: u64,
@@ -352,15 +353,14 @@ impl Prf {
     }
 
     fn fill(&mut self, out: &mut [u8]) {
-        use hmac::{Hmac, Mac};
+        use sha2::{Digest, Sha256};
         for b in out {
             if self.used == self.block.len() {
-                // HMAC accepts keys of any length; `new_from_slice` cannot fail.
-                let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
-                    .expect("HMAC takes any key length");
-                mac.update(b"turnserver prf");
-                mac.update(&self.counter.to_be_bytes());
-                self.block.copy_from_slice(&mac.finalize().into_bytes());
+                let mut h = Sha256::new();
+                h.update(self.key);
+                h.update(b"turnserver prf");
+                h.update(self.counter.to_be_bytes());
+                self.block.copy_from_slice(&h.finalize());
                 self.counter += 1;
                 self.used = 0;
             }
@@ -500,6 +500,8 @@ pub struct Server {
     policy: PeerPolicy,
     nonces: NonceMint,
     epoch: Instant,
+    /// Unix seconds at `epoch`.
+    unix_epoch: u64,
     prf: Prf,
     allocs: Vec<Option<Allocation>>,
     /// Generation of each slot, bumped when the slot is freed, so that stale timer entries
@@ -542,6 +544,9 @@ impl Server {
             nonces: NonceMint::new(derive_key(&secret, b"nonce"), cfg.stale_nonce),
             policy,
             epoch: now,
+            unix_epoch: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
             prf: Prf::new(derive_key(&secret, b"prf")),
             allocs: Vec::new(),
             gens: Vec::new(),
@@ -639,6 +644,12 @@ impl Server {
 
     fn secs(&self, now: Instant) -> u64 {
         now.saturating_duration_since(self.epoch).as_secs() + 1
+    }
+
+    /// Unix time at `now`: the wall clock read when the server started, advanced by `now`
+    /// (REST credential expiry is in Unix seconds).
+    fn unix_secs(&self, now: Instant) -> u64 {
+        self.unix_epoch + now.saturating_duration_since(self.epoch).as_secs()
     }
 
     fn advertise(&self, relay: IpAddr) -> IpAddr {
@@ -947,21 +958,29 @@ impl Server {
         // RFC 8489 9.2.4 order: the user, then the integrity, then the nonce. Password checks
         // are rate-limited per user and source address; beyond the limit the answer is 401
         // without a check, so guessing gains nothing.
-        let key = users.key(username).copied();
-        let known = key.is_some();
         let guess = (username, client.remote.ip());
         let checked = self.shared.guesses().has_token(guess, now);
-        let Some(key) = key.filter(|k| checked && msg.verify(k)) else {
+        let verdict = if checked {
+            users.verify(username, self.unix_secs(now), |k| msg.verify(k))
+        } else {
+            Verdict::BadIntegrity
+        };
+        let Verdict::Valid(key) = verdict else {
             // Only failures spend the budget.
             self.shared.guesses().allow(guess, now);
             self.stats.auth_failures += 1;
+            let known = users.key(username).is_some()
+                || (users.has_secrets() && crate::auth::rest_expiry(username).is_some());
             let shown = if known { username } else { "(unknown user)" };
-            self.failures.record(shown, &client, now);
-            let reason = if checked {
-                "bad credentials"
-            } else {
-                "too many attempts"
+            let reason = match verdict {
+                _ if !checked => "too many attempts",
+                Verdict::Expired(expiry) => {
+                    debug!(%client, user = username, expiry, "REST credentials past their expiry");
+                    "expired credentials (REST username past its expiry time)"
+                }
+                _ => "bad credentials",
             };
+            self.failures.record(shown, &client, reason, now);
             return Err(self.challenge(
                 now,
                 client,
