@@ -26,6 +26,7 @@ pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod core;
+pub mod credentials;
 pub mod daemon;
 pub mod net;
 pub mod probe;

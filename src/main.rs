@@ -32,12 +32,17 @@ enum Command {
     /// Checks a TURN server from outside: Binding, Allocate, CreatePermission, ChannelBind and a
     /// relayed round trip, each step timed; exit code 0 when every step passed.
     Probe(turnserver::probe::Args),
+    /// Mints a TURN REST API credential (username EXPIRY[:USER], password
+    /// base64(HMAC-SHA1(secret, username))) and prints it as an iceServers entry (JSON).
+    Credentials(turnserver::credentials::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Probe(args)) = &cli.command {
-        return turnserver::probe::run(args);
+    match &cli.command {
+        Some(Command::Probe(args)) => return turnserver::probe::run(args),
+        Some(Command::Credentials(args)) => return turnserver::credentials::run(args),
+        None => {}
     }
     let cfg = match config::load(&cli.config) {
         Ok(c) => c,

@@ -29,11 +29,52 @@ pub fn long_term_key(username: &str, realm: &str, password: &str) -> [u8; 16] {
     h.finalize().into()
 }
 
-/// The realm and the keys of the users allowed to allocate.
+/// The realm, the keys of the users allowed to allocate, and the shared secrets that mint
+/// TURN REST API credentials.
 #[derive(Clone)]
 pub struct Users {
     realm: Box<str>,
     keys: HashMap<Box<str>, [u8; 16]>,
+    secrets: Vec<Box<[u8]>>,
+}
+
+/// What [`Users::verify`] found for a username and a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The message is signed with this key.
+    Valid([u8; 16]),
+    /// Neither a configured user nor (with shared secrets) a REST username.
+    UnknownUser,
+    /// A REST username whose expiry (Unix seconds) has passed.
+    Expired(u64),
+    /// A known user or a live REST username, but no key signs the message.
+    BadIntegrity,
+}
+
+/// The password of a TURN REST API credential: base64(HMAC-SHA1(secret, username)).
+pub fn rest_password(secret: &[u8], username: &str) -> String {
+    use base64::Engine;
+    let mut mac = <Hmac<Sha1> as Mac>::new_from_slice(secret).expect("HMAC takes any key length");
+    mac.update(username.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// The username of a TURN REST API credential: `EXPIRY` or `EXPIRY:USER`.
+pub fn rest_username(expiry: u64, user: Option<&str>) -> String {
+    match user {
+        Some(u) if !u.is_empty() => format!("{expiry}:{u}"),
+        _ => expiry.to_string(),
+    }
+}
+
+/// The expiry of a REST username (`EXPIRY[:USER]`, EXPIRY in decimal Unix seconds), if it is
+/// one.
+pub fn rest_expiry(username: &str) -> Option<u64> {
+    let digits = username.split_once(':').map_or(username, |(t, _)| t);
+    if digits.is_empty() || digits.len() > 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 impl std::fmt::Debug for Users {
@@ -50,7 +91,53 @@ impl Users {
         Users {
             realm: realm.into(),
             keys: HashMap::new(),
+            secrets: Vec::new(),
         }
+    }
+
+    /// Accepts TURN REST API credentials minted from `secret` (see [`rest_password`]).
+    pub fn add_secret(&mut self, secret: &str) {
+        self.secrets.push(secret.as_bytes().into());
+    }
+
+    /// Whether shared secrets are configured.
+    pub fn has_secrets(&self) -> bool {
+        !self.secrets.is_empty()
+    }
+
+    /// Checks the credentials of a signed message from `username`: a configured user first;
+    /// otherwise, with shared secrets, a REST username that has not expired at `unix_now`,
+    /// under each secret in turn. `signed_with` tells whether the message's integrity verifies
+    /// under a key.
+    pub fn verify(
+        &self,
+        username: &str,
+        unix_now: u64,
+        signed_with: impl Fn(&[u8; 16]) -> bool,
+    ) -> Verdict {
+        if let Some(key) = self.keys.get(username) {
+            return if signed_with(key) {
+                Verdict::Valid(*key)
+            } else {
+                Verdict::BadIntegrity
+            };
+        }
+        if self.secrets.is_empty() {
+            return Verdict::UnknownUser;
+        }
+        let Some(expiry) = rest_expiry(username) else {
+            return Verdict::UnknownUser;
+        };
+        if expiry <= unix_now {
+            return Verdict::Expired(expiry);
+        }
+        for secret in &self.secrets {
+            let key = long_term_key(username, &self.realm, &rest_password(secret, username));
+            if signed_with(&key) {
+                return Verdict::Valid(key);
+            }
+        }
+        Verdict::BadIntegrity
     }
 
     /// Adds a user with a plain password (hashed here, not kept).
@@ -183,6 +270,68 @@ fn unhex_into(text: &[u8], out: &mut [u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn rest_credentials_match_an_independent_computation() {
+        // Computed with Python's hmac, hashlib and base64 modules.
+        assert_eq!(
+            rest_password(b"north", "1700000000:alice"),
+            "Cd/49soE35ICqcJF/bCTn8Z4OyE="
+        );
+        assert_eq!(
+            rest_username(1_700_000_000, Some("alice")),
+            "1700000000:alice"
+        );
+        assert_eq!(rest_username(1_700_000_000, None), "1700000000");
+        assert_eq!(rest_expiry("1700000000:alice"), Some(1_700_000_000));
+        assert_eq!(rest_expiry("1700000000"), Some(1_700_000_000));
+        assert_eq!(rest_expiry("1700000000:a:b"), Some(1_700_000_000));
+        for not in [
+            "alice",
+            ":alice",
+            "17x:alice",
+            "",
+            "-5:alice",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(rest_expiry(not), None, "{not:?}");
+        }
+    }
+
+    #[test]
+    fn verify_tries_users_then_each_secret_and_refuses_expired_names() {
+        let mut users = Users::new("example.org");
+        users.add_password("bob", "pw");
+        let bob = long_term_key("bob", "example.org", "pw");
+        assert_eq!(users.verify("bob", 0, |k| *k == bob), Verdict::Valid(bob));
+        assert_eq!(users.verify("bob", 0, |_| false), Verdict::BadIntegrity);
+        // No secrets: a REST-shaped name is just an unknown user.
+        assert_eq!(
+            users.verify("1700000000:alice", 0, |_| true),
+            Verdict::UnknownUser
+        );
+
+        users.add_secret("old");
+        users.add_secret("north");
+        let name = "1700000000:alice";
+        let key = long_term_key(name, "example.org", &rest_password(b"north", name));
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "d9a6a3d964467baeffd2fce41704a913");
+        let now = 1_699_999_000;
+        assert_eq!(users.verify(name, now, |k| *k == key), Verdict::Valid(key));
+        assert_eq!(users.verify(name, now, |_| false), Verdict::BadIntegrity);
+        assert_eq!(
+            users.verify(name, 1_700_000_000, |k| *k == key),
+            Verdict::Expired(1_700_000_000)
+        );
+        assert_eq!(users.verify("carol", now, |_| true), Verdict::UnknownUser);
+        // A static user named like a REST credential is the static user.
+        users.add_password("1700000000:alice", "static");
+        assert_eq!(
+            users.verify(name, now, |k| *k == key),
+            Verdict::BadIntegrity
+        );
+    }
+
     use super::*;
 
     #[test]

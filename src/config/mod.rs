@@ -36,6 +36,22 @@ impl std::fmt::Debug for UserKey {
     }
 }
 
+/// A shared secret (`static-auth-secret`); kept out of `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// One `external-ip` entry: the address advertised to clients, and optionally the private local
 /// address it maps to (1:1 NAT). Without `private`, the mapping applies to every relay address
 /// that no entry with a `private` address maps.
@@ -93,6 +109,11 @@ pub struct Config {
     pub auth: bool,
     /// Sorted by name, unique.
     pub users: Vec<(String, UserKey)>,
+    /// Shared secrets for TURN REST API credentials (`static-auth-secret` with
+    /// `use-auth-secret`): the username is `EXPIRY[:USER]`, the password
+    /// base64(HMAC-SHA1(secret, username)). Empty when off. Several secrets let one be rotated
+    /// without downtime: a credential minted from any of them is accepted.
+    pub auth_secrets: Vec<Secret>,
     /// Longest allocation lifetime granted, in seconds (`max-allocate-lifetime`); at least 60.
     pub max_allocate_lifetime: u32,
     /// Lifetime of an allocation whose request names none, in seconds
@@ -398,28 +419,27 @@ fn key_path(table: &toml::de::DeTable<'_>, offset: usize) -> Option<Vec<String>>
     None
 }
 
-/// The `external-ip` value as written: one string, or an array of strings.
+/// A value written as one string or as an array of strings (`external-ip`,
+/// `static-auth-secret`).
 #[derive(Debug)]
-enum ExternalIpField {
+enum StringOrList {
     One(String),
     Many(Vec<Spanned<String>>),
 }
 
-impl<'de> Deserialize<'de> for ExternalIpField {
+impl<'de> Deserialize<'de> for StringOrList {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct FieldVisitor;
 
         impl<'de> Visitor<'de> for FieldVisitor {
-            type Value = ExternalIpField;
+            type Value = StringOrList;
 
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(
-                    "a string \"PUBLIC\" or \"PUBLIC/PRIVATE\", or an array of such strings",
-                )
+                f.write_str("a string, or an array of strings")
             }
 
             fn visit_str<E: de::Error>(self, value: &str) -> Result<Self::Value, E> {
-                Ok(ExternalIpField::One(value.to_owned()))
+                Ok(StringOrList::One(value.to_owned()))
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -427,7 +447,7 @@ impl<'de> Deserialize<'de> for ExternalIpField {
                 while let Some(entry) = seq.next_element::<Spanned<String>>()? {
                     entries.push(entry);
                 }
-                Ok(ExternalIpField::Many(entries))
+                Ok(StringOrList::Many(entries))
             }
         }
 
@@ -450,13 +470,15 @@ struct RawConfig {
     no_tls: Option<Spanned<bool>>,
     no_dtls: Option<Spanned<bool>>,
     relay_ips: Option<Spanned<Vec<Spanned<String>>>>,
-    external_ip: Option<Spanned<ExternalIpField>>,
+    external_ip: Option<Spanned<StringOrList>>,
     min_port: Option<Spanned<u16>>,
     max_port: Option<Spanned<u16>>,
     realm: Option<Spanned<String>>,
     fingerprint: Option<Spanned<bool>>,
     lt_cred_mech: Option<Spanned<bool>>,
     no_auth: Option<Spanned<bool>>,
+    use_auth_secret: Option<Spanned<bool>>,
+    static_auth_secret: Option<Spanned<StringOrList>>,
     users: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     max_allocate_lifetime: Option<Spanned<u32>>,
     default_allocate_lifetime: Option<Spanned<u32>>,
@@ -804,7 +826,8 @@ impl RawConfig {
             ));
         }
         let auth = !value_or(&self.no_auth, false);
-        let users = self.users(&check, auth)?;
+        let auth_secrets = self.auth_secrets(&check, auth)?;
+        let users = self.users(&check, auth && auth_secrets.is_empty())?;
 
         // Lifetimes.
         let max_allocate_lifetime =
@@ -985,6 +1008,7 @@ impl RawConfig {
             fingerprint,
             auth,
             users,
+            auth_secrets,
             max_allocate_lifetime,
             default_allocate_lifetime,
             stale_nonce,
@@ -1019,8 +1043,8 @@ impl RawConfig {
             return Ok(Vec::new());
         };
         let entries: Vec<(&str, Range<usize>)> = match field.get_ref() {
-            ExternalIpField::One(entry) => vec![(entry.as_str(), field.span())],
-            ExternalIpField::Many(list) => list
+            StringOrList::One(entry) => vec![(entry.as_str(), field.span())],
+            StringOrList::Many(list) => list
                 .iter()
                 .map(|entry| (entry.get_ref().as_str(), entry.span()))
                 .collect(),
@@ -1128,6 +1152,65 @@ impl RawConfig {
         Ok(parsed.into_iter().map(|(mapping, _, _)| mapping).collect())
     }
 
+    /// Parses and checks `static-auth-secret` and `use-auth-secret`: the secrets, or none when
+    /// shared-secret credentials are off.
+    fn auth_secrets(&self, check: &Checker<'_>, auth: bool) -> Result<Vec<Secret>, ConfigError> {
+        const KEY: &str = "static-auth-secret";
+        const MAX_SECRETS: usize = 8;
+        let secrets: Vec<(&str, Range<usize>)> = match &self.static_auth_secret {
+            None => Vec::new(),
+            Some(field) => match field.get_ref() {
+                StringOrList::One(s) => vec![(s.as_str(), field.span())],
+                StringOrList::Many(list) => list
+                    .iter()
+                    .map(|s| (s.get_ref().as_str(), s.span()))
+                    .collect(),
+            },
+        };
+        let on = value_or(&self.use_auth_secret, !secrets.is_empty());
+        if !on && !secrets.is_empty() {
+            return Err(check.error(
+                "use-auth-secret",
+                span_of(&self.use_auth_secret),
+                "use-auth-secret = false but static-auth-secret is set; remove one of them".into(),
+            ));
+        }
+        if !on {
+            return Ok(Vec::new());
+        }
+        if !auth {
+            return Err(check.error(
+                KEY,
+                span_of(&self.static_auth_secret),
+                "static-auth-secret needs authentication, but no-auth = true".into(),
+            ));
+        }
+        if secrets.is_empty() {
+            return Err(check.error(
+                "use-auth-secret",
+                span_of(&self.use_auth_secret).or_else(|| span_of(&self.static_auth_secret)),
+                "use-auth-secret = true needs static-auth-secret (a string, or a list of \
+                 strings to rotate secrets)"
+                    .into(),
+            ));
+        }
+        if secrets.len() > MAX_SECRETS {
+            return Err(check.error(
+                KEY,
+                span_of(&self.static_auth_secret),
+                format!("{KEY}: {} secrets; at most {MAX_SECRETS}", secrets.len()),
+            ));
+        }
+        let mut out = Vec::new();
+        for (secret, span) in secrets {
+            if secret.is_empty() {
+                return Err(check.error(KEY, Some(span), format!("{KEY}: a secret is empty")));
+            }
+            out.push(Secret(secret.to_owned()));
+        }
+        Ok(out)
+    }
+
     /// Parses and checks `[users]`; `auth` says whether authentication is on.
     fn users(
         &self,
@@ -1140,7 +1223,8 @@ impl RawConfig {
             return Err(check.error(
                 KEY,
                 table.map(Spanned::span),
-                "[users] is empty but authentication is on; add a user or set no-auth = true"
+                "[users] is empty but authentication is on; add a user, set static-auth-secret, or \
+                 set no-auth = true"
                     .into(),
             ));
         }
@@ -1287,6 +1371,14 @@ impl Config {
                 out,
                 "authentication: on (long-term credentials, {count} user{plural})"
             );
+            if !self.auth_secrets.is_empty() {
+                let n = self.auth_secrets.len();
+                let _ = writeln!(
+                    out,
+                    "shared-secret credentials (TURN REST API): on, {n} secret{}",
+                    if n == 1 { "" } else { "s" }
+                );
+            }
         } else {
             let _ = writeln!(
                 out,
@@ -1616,6 +1708,8 @@ bob = "b"
             "prometheus-ip",
             "workers",
             "udp-gso",
+            "use-auth-secret",
+            "static-auth-secret",
         ] {
             let assignment = format!("{key} =");
             let present = EXAMPLE.lines().any(|line| {
@@ -1926,7 +2020,65 @@ bob = "b"
             &valid("external-ip = 7"),
             "external-ip",
             Some(1),
-            "\"PUBLIC/PRIVATE\"",
+            "a string, or an array of strings",
+        );
+    }
+
+    #[test]
+    fn auth_secrets_parse_and_are_checked() {
+        let one = parse(&valid("static-auth-secret = \"north\"")).expect("valid");
+        assert_eq!(one.auth_secrets, vec![Secret("north".into())]);
+        assert!(!format!("{one:?}").contains("north"));
+        let two = parse(&valid(
+            "static-auth-secret = [\"a\", \"b\"]\nuse-auth-secret = true",
+        ))
+        .expect("valid");
+        assert_eq!(
+            two.auth_secrets,
+            vec![Secret("a".into()), Secret("b".into())]
+        );
+        assert!(
+            two.summary()
+                .contains("shared-secret credentials (TURN REST API): on, 2 secrets")
+        );
+        // Secrets alone are enough: [users] may be empty.
+        let alone =
+            parse("listening-ips = [\"127.0.0.1\"]\nstatic-auth-secret = \"s\"").expect("valid");
+        assert!(alone.users.is_empty() && alone.auth);
+        assert!(parse(&valid("")).expect("valid").auth_secrets.is_empty());
+        for (text, key, line, needle) in [
+            (
+                "use-auth-secret = true",
+                "use-auth-secret",
+                Some(1),
+                "needs static-auth-secret",
+            ),
+            (
+                "use-auth-secret = false\nstatic-auth-secret = \"s\"",
+                "use-auth-secret",
+                Some(1),
+                "remove one",
+            ),
+            (
+                "static-auth-secret = [\"a\", \"\"]",
+                "static-auth-secret",
+                Some(1),
+                "empty",
+            ),
+            (
+                "static-auth-secret = 5",
+                "static-auth-secret",
+                Some(1),
+                "a string",
+            ),
+        ] {
+            refused(&valid(text), key, line, needle);
+        }
+        refused(
+            "listening-ips = [\"127.0.0.1\"]\nno-auth = true\nstatic-auth-secret = \"s\"",
+            "static-auth-secret",
+            Some(3),
+            "no-auth",
         );
     }
 
@@ -2013,7 +2165,8 @@ bob = "b"
 
     #[test]
     fn users_required_while_auth_is_on() {
-        let message = "[users] is empty but authentication is on; add a user or set no-auth = true";
+        let message = "[users] is empty but authentication is on; add a user, set \
+                       static-auth-secret, or set no-auth = true";
         refused(
             "listening-ips = [\"127.0.0.1\"]\n\n[users]\n",
             "users",

@@ -94,7 +94,13 @@ pub struct FailureLog {
 
 impl FailureLog {
     /// Records a failure for `user` (already mapped to a known name or a placeholder).
-    pub fn record(&mut self, user: &str, client: &dyn std::fmt::Display, now: Instant) {
+    pub fn record(
+        &mut self,
+        user: &str,
+        client: &dyn std::fmt::Display,
+        reason: &str,
+        now: Instant,
+    ) {
         let key: &str = if self.users.len() >= MAX_TRACKED && !self.users.contains_key(user) {
             "(other users)"
         } else {
@@ -115,11 +121,11 @@ impl FailureLog {
                 }
                 *start = now;
                 *count = 1;
-                info!(user = key, %client, "authentication failed");
+                info!(user = key, %client, reason, "authentication failed");
             }
             None => {
                 self.users.insert(key.into(), (now, 1));
-                info!(user = key, %client, "authentication failed");
+                info!(user = key, %client, reason, "authentication failed");
             }
         }
     }
@@ -171,13 +177,18 @@ mod tests {
         let t0 = Instant::now();
         let mut f = FailureLog::default();
         for i in 0..100 {
-            f.record("alice", &"udp:1.2.3.4:5", t0 + Duration::from_millis(i));
+            f.record(
+                "alice",
+                &"udp:1.2.3.4:5",
+                "bad credentials",
+                t0 + Duration::from_millis(i),
+            );
         }
         assert_eq!(f.users.get("alice").map(|e| e.1), Some(100));
         f.sweep(t0 + FAILURE_WINDOW + Duration::from_secs(1));
         assert_eq!(f.tracked(), 0);
         for i in 0..(MAX_TRACKED + 10) {
-            f.record(&format!("u{i}"), &"x", t0);
+            f.record(&format!("u{i}"), &"x", "bad credentials", t0);
         }
         assert_eq!(f.tracked(), MAX_TRACKED + 1);
     }

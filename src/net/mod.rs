@@ -122,6 +122,9 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
                 UserKey::Ha1(k) => u.add_key(name, *k),
             }
         }
+        for secret in &cfg.auth_secrets {
+            u.add_secret(secret.expose());
+        }
         u
     });
     let mut sc = ServerConfig::new(cfg.relay_ips[0], users);

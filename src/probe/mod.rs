@@ -18,7 +18,7 @@
 
 mod conn;
 mod relay;
-mod report;
+pub(crate) mod report;
 mod session;
 mod url;
 
