@@ -1,6 +1,7 @@
 //! UDP segmentation offload on the relay path: datagrams that queue up while the server is
 //! stopped (SIGSTOP) are drained in one batch when it resumes (SIGCONT), so each direction's
-//! run of same-size datagrams leaves as one GSO send. Every datagram must arrive whole and in
+//! run of same-size datagrams leaves as one GSO send (over TCP: frames read together leave
+//! for the peer as runs, and datagrams for the client are written together). Every datagram must arrive whole and in
 //! order, and the metrics must count the GSO sends; with `udp-gso = false` the same traffic
 //! goes out datagram by datagram.
 
@@ -68,12 +69,16 @@ fn len_of(k: usize, full: usize) -> usize {
 
 /// Relays a run each way while the server is stopped; checks order and contents. Returns the
 /// GSO sends and datagrams the metrics counted.
-fn burst_both_ways(gso: bool) -> (f64, f64, bool) {
+fn burst_both_ways(gso: bool, tcp: bool) -> (f64, f64, bool) {
     let (server, port) = start(gso);
     let offered = server.log().contains("gso_segments=64");
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut c = Client::udp(server.addr());
+    let mut c = if tcp {
+        Client::tcp(server.addr())
+    } else {
+        Client::udp(server.addr())
+    };
     assert_eq!(c.allocate(None), None, "allocate");
     assert_eq!(
         c.bind(CHANNEL, peer.local_addr().unwrap()),
@@ -123,7 +128,7 @@ fn burst_both_ways(gso: bool) -> (f64, f64, bool) {
 
 #[test]
 fn queued_runs_leave_as_gso_sends_whole_and_in_order() {
-    let (sends, datagrams, offered) = burst_both_ways(true);
+    let (sends, datagrams, offered) = burst_both_ways(true, false);
     if !offered {
         eprintln!("skipping the GSO counts: this kernel offers no UDP segmentation offload");
         return;
@@ -135,7 +140,21 @@ fn queued_runs_leave_as_gso_sends_whole_and_in_order() {
 
 #[test]
 fn with_udp_gso_off_every_datagram_goes_alone() {
-    let (sends, datagrams, _) = burst_both_ways(false);
+    let (sends, datagrams, _) = burst_both_ways(false, false);
     assert_eq!(sends, 0.0);
     assert_eq!(datagrams, 0.0);
+}
+
+/// Over TCP the frames a client wrote while the server was stopped are read several per
+/// read and their payloads leave for the peer as GSO runs; the peer's datagrams are gathered
+/// into one write per batch towards the client. Both arrive whole and in order.
+#[test]
+fn tcp_frames_are_relayed_in_runs_and_gathered_writes() {
+    let (sends, datagrams, offered) = burst_both_ways(true, true);
+    if !offered {
+        eprintln!("skipping the GSO counts: this kernel offers no UDP segmentation offload");
+        return;
+    }
+    assert!(sends >= 1.0, "GSO sends: {sends}");
+    assert!(datagrams >= 2.0 * sends, "{datagrams} datagrams in {sends} sends");
 }

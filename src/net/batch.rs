@@ -200,6 +200,15 @@ impl Outbox {
         self.items.push(item);
     }
 
+    /// Holds a copy of `bytes` (a datagram that was not received into the arena, such as the
+    /// payload of a frame read from a TCP connection) like [`push`](Self::push). Call only when
+    /// [`has_room`](Self::has_room).
+    pub(super) fn push_copy(&mut self, via: Via, to: SocketAddr, bytes: &[u8]) {
+        let start = self.used;
+        self.arena[start..start + bytes.len()].copy_from_slice(bytes);
+        self.push(via, to, start..start + bytes.len());
+    }
+
     /// Sends everything held, in order, through `send`. A GSO send that fails for another
     /// reason than a full buffer is retried datagram by datagram. Returns the number of
     /// datagrams that could not be sent, by socket kind: relay sockets, then listeners.
@@ -414,6 +423,17 @@ mod tests {
         }
         let dropped = out.flush(|_| Err(io::Error::from(io::ErrorKind::WouldBlock)));
         assert_eq!(dropped, [3, 0]);
+    }
+
+    #[test]
+    fn copies_join_runs_like_received_datagrams() {
+        let mut out = Outbox::new(64);
+        out.push_copy(Via::Relay(0), addr(1), &[7; 40]);
+        put(&mut out, Via::Relay(0), addr(1), 40, 8);
+        out.push_copy(Via::Relay(0), addr(1), &[9; 40]);
+        let s = sends(&mut out);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].3, vec![vec![7; 40], vec![8; 40], vec![9; 40]]);
     }
 
     #[test]

@@ -163,7 +163,13 @@ struct Buffers {
     /// written in front) and forwarded from there when the receive batch ends.
     out: Outbox,
     reply: Box<[u8]>,
+    /// Frames for one TCP or TLS client gathered from a relay socket's batch, written with one
+    /// send at its end.
+    gather: Box<[u8]>,
 }
+
+/// Size of the gather buffer: a batch of common frames; a larger frame goes alone.
+const GATHER: usize = 64 * 1024;
 
 /// Whether `msg` (a datagram from a client) is a STUN message other than a Send indication:
 /// a request may change allocations, so the datagrams held before it are sent first.
@@ -350,8 +356,9 @@ pub struct Driver {
 }
 
 impl Driver {
-    /// Sends a relayed frame to a client over the transport it came in on.
-    fn send_to_client(&self, client: &ClientId, bytes: &[u8]) {
+    /// Sends `frames` relayed frames (back to back in `bytes`; one for UDP and DTLS) to a
+    /// client over the transport it came in on.
+    fn send_to_client(&self, client: &ClientId, bytes: &[u8], frames: u64) {
         let sent = match client.transport {
             Transport::Udp => self
                 .udp
@@ -370,7 +377,7 @@ impl Driver {
                 .is_none_or(|c| c.send(bytes)),
         };
         if !sent {
-            bump(&self.send_dropped[client.transport as usize], 1);
+            bump(&self.send_dropped[client.transport as usize], frames);
         }
     }
 
@@ -438,12 +445,52 @@ impl Driver {
         }
     }
 
+    /// Feeds one frame read from a TCP or TLS connection to the core and performs the action:
+    /// a reply goes back through `reply_to`, a forwarded payload is copied into the outbox
+    /// (the caller flushes it after the frames of one read).
+    fn stream_input(
+        &self,
+        now: Instant,
+        client: ClientId,
+        frame: &[u8],
+        bufs: &mut Buffers,
+        reply_to: impl FnOnce(&[u8]),
+    ) {
+        let Buffers { out, reply, .. } = bufs;
+        if is_request(frame) && !out.is_empty() {
+            self.flush(out);
+        }
+        let action = {
+            let mut relays = self.relays.borrow_mut();
+            self.server
+                .borrow_mut()
+                .handle_client(now, client, frame, reply, &mut *relays)
+        };
+        match action {
+            ClientAction::None => {}
+            ClientAction::Reply(n) => reply_to(&reply[..n]),
+            ClientAction::Forward {
+                relay,
+                peer,
+                payload,
+            } => {
+                let Some(i) = self.relays.borrow().index(relay) else {
+                    return;
+                };
+                if !out.has_room() {
+                    self.flush(out);
+                }
+                out.push_copy(Via::Relay(i as u32), peer, &frame[payload]);
+            }
+        }
+    }
+
     /// Receives up to a batch of datagrams from a UDP listener and handles them; forwarded
     /// datagrams go out when the batch ends. Returns `true` if the batch was used up (more may
     /// be waiting).
     fn drain_udp_listener(&self, sock: &UdpSocket, local: SocketAddr, idx: usize) -> bool {
         let mut bufs = self.bufs.borrow_mut();
-        let Buffers { out, reply } = &mut *bufs;
+        let Buffers { out, reply, .. } = &mut *bufs;
         let now = Instant::now();
         let counters = &self.listeners[idx];
         let mut full = true;
@@ -507,9 +554,12 @@ impl Driver {
     /// the batch was used up (more may be waiting).
     fn drain_relay(&self, sock: &UdpSocket, relay: SocketAddr) -> bool {
         let mut bufs = self.bufs.borrow_mut();
-        let out = &mut bufs.out;
+        let Buffers { out, gather, .. } = &mut *bufs;
         let now = Instant::now();
         let mut full = true;
+        // A relay socket serves one allocation, so every frame for a stream client in this
+        // batch goes to the same client.
+        let mut gathered: Option<(ClientId, usize, u64)> = None;
         for _ in 0..BATCH {
             if !out.has_room() {
                 self.flush(out);
@@ -533,14 +583,32 @@ impl Driver {
             let PeerAction::Forward { client, range } = action else {
                 continue;
             };
-            if client.transport == Transport::Udp {
-                match self.udp.iter().position(|(a, _)| *a == client.local) {
+            match client.transport {
+                Transport::Udp => match self.udp.iter().position(|(a, _)| *a == client.local) {
                     Some(i) => out.push(Via::Listener(i as u32), client.remote, range),
                     None => bump(&self.send_dropped[Transport::Udp as usize], 1),
+                },
+                Transport::Tcp | Transport::Tls => {
+                    let frame = &buf[range];
+                    if let Some((c, len, frames)) = gathered
+                        && len + frame.len() > GATHER
+                    {
+                        self.send_to_client(&c, &gather[..len], frames);
+                        gathered = None;
+                    }
+                    if frame.len() > GATHER {
+                        self.send_to_client(&client, frame, 1);
+                        continue;
+                    }
+                    let (len, frames) = gathered.map_or((0, 0), |(_, len, frames)| (len, frames));
+                    gather[len..len + frame.len()].copy_from_slice(frame);
+                    gathered = Some((client, len + frame.len(), frames + 1));
                 }
-            } else {
-                self.send_to_client(&client, &buf[range]);
+                Transport::Dtls => self.send_to_client(&client, &buf[range], 1),
             }
+        }
+        if let Some((client, len, frames)) = gathered {
+            self.send_to_client(&client, &gather[..len], frames);
         }
         self.flush(out);
         full
@@ -891,6 +959,7 @@ pub async fn serve(
         bufs: RefCell::new(Buffers {
             out: Outbox::new(gso_segments(gso.as_ref(), cfg)),
             reply: vec![0u8; REPLY_BUF].into_boxed_slice(),
+            gather: vec![0u8; GATHER].into_boxed_slice(),
         }),
         gso,
         gso_sends: Cell::new(0),

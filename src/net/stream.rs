@@ -351,32 +351,42 @@ async fn read_frames(
     // trickles a frame a byte at a time is as idle as one that sends nothing.
     let mut last_frame = Instant::now();
     loop {
-        // Dispatch every complete frame in the buffer.
+        // Dispatch every complete frame in the buffer; payloads forwarded to peers are held
+        // in the driver's outbox and sent together after the last one.
         let mut start = 0;
         let now = Instant::now();
-        loop {
-            match frame_len(&buf[start..filled]) {
-                Frame::Complete(n) => {
-                    let frame = &buf[start..start + n];
-                    counters.count(n);
-                    let mut bufs = driver.bufs.borrow_mut();
-                    driver.client_input(now, client, frame, &mut bufs.reply, |r| {
-                        conn.send(r);
-                    });
-                    start += n;
-                    last_frame = now;
-                }
-                Frame::Incomplete(need) => {
-                    if need > MAX_FRAME {
-                        return "frame too large";
+        let mut ended = None;
+        {
+            let mut bufs = driver.bufs.borrow_mut();
+            loop {
+                match frame_len(&buf[start..filled]) {
+                    Frame::Complete(n) => {
+                        let frame = &buf[start..start + n];
+                        counters.count(n);
+                        driver.stream_input(now, client, frame, &mut bufs, |r| {
+                            conn.send(r);
+                        });
+                        start += n;
+                        last_frame = now;
                     }
-                    if need > buf.len() {
-                        buf.resize(need.max(buf.len() * 2).min(MAX_FRAME), 0);
+                    Frame::Incomplete(need) => {
+                        if need > MAX_FRAME {
+                            ended = Some("frame too large");
+                        } else if need > buf.len() {
+                            buf.resize(need.max(buf.len() * 2).min(MAX_FRAME), 0);
+                        }
+                        break;
                     }
-                    break;
+                    Frame::Invalid => {
+                        ended = Some("not STUN or ChannelData");
+                        break;
+                    }
                 }
-                Frame::Invalid => return "not STUN or ChannelData",
             }
+            driver.flush(&mut bufs.out);
+        }
+        if let Some(reason) = ended {
+            return reason;
         }
         buf.copy_within(start..filled, 0);
         filled -= start;
