@@ -28,6 +28,7 @@ pub mod config;
 pub mod core;
 pub mod credentials;
 pub mod daemon;
+pub mod hash_password;
 pub mod net;
 pub mod probe;
 pub mod wire;

@@ -35,6 +35,9 @@ enum Command {
     /// Mints a TURN REST API credential (username EXPIRY[:USER], password
     /// base64(HMAC-SHA1(secret, username))) and prints it as an iceServers entry (JSON).
     Credentials(turnserver::credentials::Args),
+    /// Prints the [users] line that stores a user's key (HA1, MD5 of user:realm:password)
+    /// instead of the password; the password is read from standard input unless given.
+    HashPassword(turnserver::hash_password::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
     match &cli.command {
         Some(Command::Probe(args)) => return turnserver::probe::run(args),
         Some(Command::Credentials(args)) => return turnserver::credentials::run(args),
+        Some(Command::HashPassword(args)) => return turnserver::hash_password::run(args),
         None => {}
     }
     let cfg = match config::load(&cli.config) {

@@ -1,4 +1,7 @@
-//! The command line: `--check-config`, `--version`, and refusal of bad configurations at start.
+//! The command line: `--check-config`, `--version`, `hash-password`, and refusal of bad
+//! configurations at start.
+
+mod common;
 
 use std::process::Command;
 
@@ -84,4 +87,37 @@ fn version_is_printed() {
     let out = turnserver().arg("--version").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// `hash-password` reads the password from standard input and prints a `[users]` line; a
+/// server configured with that line (no plain password in the file) accepts the password.
+#[test]
+fn hash_password_line_configures_a_user_without_the_password() {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turnserver"))
+        .args(["hash-password", "--user", "dora", "--realm", common::REALM])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"explorer\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(line.starts_with("dora = \"0x"), "{line}");
+    assert!(!line.contains("explorer"));
+    let server = common::start_with(&format!("allow-loopback-peers = true\n[users]\n{line}"));
+    let mut c = common::Client::udp(server.addr());
+    c.user = "dora".into();
+    c.password = "explorer".into();
+    assert_eq!(c.allocate(None), None);
+    c = common::Client::udp(server.addr());
+    c.user = "dora".into();
+    c.password = "wrong".into();
+    assert_eq!(c.allocate(None), Some(401));
 }

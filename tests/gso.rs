@@ -156,5 +156,8 @@ fn tcp_frames_are_relayed_in_runs_and_gathered_writes() {
         return;
     }
     assert!(sends >= 1.0, "GSO sends: {sends}");
-    assert!(datagrams >= 2.0 * sends, "{datagrams} datagrams in {sends} sends");
+    assert!(
+        datagrams >= 2.0 * sends,
+        "{datagrams} datagrams in {sends} sends"
+    );
 }

@@ -230,7 +230,8 @@ const DEFAULT_MIN_PORT: u16 = 49152;
 /// Default `max-port`.
 const DEFAULT_MAX_PORT: u16 = 65535;
 /// Default `realm`.
-const DEFAULT_REALM: &str = "turnserver.local";
+/// The realm when the file names none.
+pub const DEFAULT_REALM: &str = "turnserver.local";
 /// Default `max-allocate-lifetime`, in seconds.
 const DEFAULT_MAX_ALLOCATE_LIFETIME: u32 = 3600;
 /// Default `default-allocate-lifetime`, in seconds (RFC 8656 section 3.2: 10 minutes).
