@@ -29,6 +29,7 @@ pub mod core;
 pub mod credentials;
 pub mod daemon;
 pub mod hash_password;
+pub mod migrate;
 pub mod net;
 pub mod probe;
 pub mod wire;

@@ -38,6 +38,10 @@ enum Command {
     /// Prints the [users] line that stores a user's key (HA1, MD5 of user:realm:password)
     /// instead of the password; the password is read from standard input unless given.
     HashPassword(turnserver::hash_password::Args),
+    /// Translates a coturn turnserver.conf into this server's TOML configuration, with a
+    /// comment for every line that could not be carried over; exit code 3 when the result
+    /// needs editing before it validates.
+    MigrateConfig(turnserver::migrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +50,7 @@ fn main() -> ExitCode {
         Some(Command::Probe(args)) => return turnserver::probe::run(args),
         Some(Command::Credentials(args)) => return turnserver::credentials::run(args),
         Some(Command::HashPassword(args)) => return turnserver::hash_password::run(args),
+        Some(Command::MigrateConfig(args)) => return turnserver::migrate::run(args),
         None => {}
     }
     let cfg = match config::load(&cli.config) {

@@ -303,7 +303,7 @@ fn parse_totals(text: &str) -> Option<Totals> {
 fn uclient(
     server_port: u16,
     peer_port: u16,
-    password: &str,
+    (user, password): (&str, &str),
     flags: &[&str],
     clients: u32,
     messages: u32,
@@ -311,7 +311,7 @@ fn uclient(
 ) -> (Command, String) {
     let mut cmd = Command::new(UCLIENT);
     cmd.args(flags)
-        .args(["-u", common::USER, "-w", password])
+        .args(["-u", user, "-w", password])
         .args(["-e", "127.0.0.1", "-r", &peer_port.to_string()])
         .args(["-p", &server_port.to_string()])
         .args(["-m", &clients.to_string()])
@@ -347,6 +347,28 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
         let port = server.port;
         (server, port)
     };
+    let credentials = (common::USER, common::PASSWORD);
+    relay_through(
+        &server,
+        port,
+        credentials,
+        flags,
+        clients,
+        messages,
+        lengths,
+    );
+}
+
+/// The traffic of [`relay_traffic`] through a running server listening on `port`.
+fn relay_through(
+    server: &common::TestServer,
+    port: u16,
+    (user, password): (&str, &str),
+    flags: &[&str],
+    clients: u32,
+    messages: u32,
+    lengths: &[u32],
+) {
     let peer = Peer::start();
 
     let results: Vec<(u32, String, RunOutput)> = std::thread::scope(|s| {
@@ -356,7 +378,7 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
                 let (mut cmd, line) = uclient(
                     port,
                     peer.port,
-                    common::PASSWORD,
+                    (user, password),
                     flags,
                     clients,
                     messages,
@@ -376,7 +398,7 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
                 out.status,
                 out.timed_out,
                 out.text,
-                log_tail(&server)
+                log_tail(server)
             )
         };
         assert!(
@@ -407,7 +429,7 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
             context()
         );
     }
-    assert_server_healthy(&server);
+    assert_server_healthy(server);
 }
 
 #[test]
@@ -534,7 +556,7 @@ fn uclient_rtp_rtcp_pairs_with_busy_odd_ports() {
     let (mut cmd, line) = uclient(
         server.port,
         peer.port,
-        common::PASSWORD,
+        (common::USER, common::PASSWORD),
         &[],
         clients,
         messages,
@@ -568,7 +590,15 @@ fn uclient_wrong_password_is_refused() {
     let server = common::start("");
     let peer = Peer::start();
     for flags in [&[][..], &["-t"][..]] {
-        let (mut cmd, line) = uclient(server.port, peer.port, "wrong", flags, 2, 10, 120);
+        let (mut cmd, line) = uclient(
+            server.port,
+            peer.port,
+            (common::USER, "wrong"),
+            flags,
+            2,
+            10,
+            120,
+        );
         let out = run(&mut cmd, RUN_DEADLINE);
         let context = format!(
             "{line}\nexit: {:?}, timed out: {}\nuclient output:\n{}\nserver log (tail):\n{}",
@@ -860,4 +890,162 @@ fn uclient_totals_are_parsed() {
         reflexive_addrs("0: : IPv4. UDP reflexive addr: 127.0.0.1:37039\n"),
         vec!["127.0.0.1:37039".parse::<SocketAddr>().unwrap()]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// migrate-config: coturn configurations carried over, then used by coturn's own client
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `turnserver migrate-config` on `coturn_conf` and returns the TOML it wrote.
+fn migrate_config(coturn_conf: &str) -> String {
+    let dir = common::TempDir::new("migrate");
+    let input = dir.0.join("turnserver.conf");
+    let output = dir.0.join("turnserver.toml");
+    std::fs::write(&input, coturn_conf).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_turnserver"))
+        .arg("migrate-config")
+        .arg(&input)
+        .arg("-o")
+        .arg(&output)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let toml = std::fs::read_to_string(&output).unwrap_or_default();
+    assert!(out.status.success(), "migrate-config: {stderr}\n{toml}");
+    assert!(stderr.contains("valid configuration"), "{stderr}");
+    toml
+}
+
+/// Starts our server on the configuration migrated from `coturn(port, min_port, max_port)`.
+fn migrated_server(coturn: impl Fn(u16, u16, u16) -> String) -> (common::TestServer, String) {
+    let toml = std::sync::Mutex::new(String::new());
+    let server = common::start_custom(
+        |port, min, max| {
+            let t = migrate_config(&coturn(port, min, max));
+            *toml.lock().unwrap() = t.clone();
+            t
+        },
+        &[],
+    );
+    let toml = toml.into_inner().unwrap();
+    (server, toml)
+}
+
+/// Debian's coturn package ships /etc/turnserver.conf with every line commented out. This
+/// uncomments a realistic set (with this test's ports and loopback addresses), migrates it,
+/// and relays uclient traffic through the result.
+#[test]
+fn debian_example_config_migrates_and_relays() {
+    if !tools_available() {
+        return;
+    }
+    let Ok(debian) = std::fs::read_to_string("/etc/turnserver.conf") else {
+        if std::env::var("TURNSERVER_REQUIRE_INTEROP").as_deref() == Ok("1") {
+            panic!("/etc/turnserver.conf (coturn's example) is missing");
+        }
+        eprintln!("skipping: /etc/turnserver.conf (coturn's example) is missing");
+        return;
+    };
+    let (server, toml) = migrated_server(|port, min, max| {
+        let mut text = debian.clone();
+        for (key, line) in [
+            ("#listening-port=", format!("listening-port={port}")),
+            ("#listening-ip=", "listening-ip=127.0.0.1".into()),
+            ("#relay-ip=", "relay-ip=127.0.0.1".into()),
+            ("#min-port=", format!("min-port={min}")),
+            ("#max-port=", format!("max-port={max}")),
+            ("#verbose", "verbose".into()),
+            ("#fingerprint", "fingerprint".into()),
+            ("#lt-cred-mech", "lt-cred-mech".into()),
+            (
+                "#user=username1:password1",
+                format!("user={}:{}", common::USER, common::PASSWORD),
+            ),
+            ("#realm=", format!("realm={}", common::REALM)),
+            ("#total-quota=", "total-quota=100".into()),
+            ("#stale-nonce", "stale-nonce=600".into()),
+            ("#no-tls", "no-tls".into()),
+            ("#no-dtls", "no-dtls".into()),
+            ("#allow-loopback-peers", "allow-loopback-peers".into()),
+            ("#no-multicast-peers", "no-multicast-peers".into()),
+            ("#no-cli", "no-cli".into()),
+            ("#pidfile=", "pidfile=\"/var/run/turnserver.pid\"".into()),
+            (
+                "# denied-peer-ip=83.166.64.0-83.166.95.255",
+                "denied-peer-ip=83.166.64.0-83.166.95.255".into(),
+            ),
+        ] {
+            let at = text
+                .lines()
+                .position(|l| l.starts_with(key))
+                .unwrap_or_else(|| panic!("{key} is not in Debian's /etc/turnserver.conf"));
+            let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+            lines[at] = line;
+            text = lines.join("\n");
+        }
+        text
+    });
+    assert!(
+        toml.contains("denied-peer-ips = [\"83.166.64.0/19\"]"),
+        "{toml}"
+    );
+    assert!(
+        toml.contains("no-cli"),
+        "every dropped line is named:\n{toml}"
+    );
+    let port = server.port;
+    relay_through(
+        &server,
+        port,
+        (common::USER, common::PASSWORD),
+        &[],
+        4,
+        50,
+        &[120, 1200],
+    );
+}
+
+/// The configuration of every coturn tutorial (listening-ip, external-ip PUBLIC/PRIVATE,
+/// min/max port, verbose, fingerprint, lt-cred-mech, realm, user=someId:somePasswd), on
+/// loopback: migrated, started, and relaying uclient traffic over UDP and TCP.
+#[test]
+fn tutorial_config_migrates_and_relays() {
+    if !tools_available() {
+        return;
+    }
+    let (server, toml) = migrated_server(|port, min, max| {
+        format!(
+            "# /etc/turnserver.conf\n\
+             listening-port={port}\n\
+             listening-ip=127.0.0.1\n\
+             external-ip=127.0.0.1/127.0.0.1\n\
+             min-port={min}\n\
+             max-port={max}\n\
+             verbose\n\
+             fingerprint\n\
+             lt-cred-mech\n\
+             realm={}\n\
+             user=someId:somePasswd\n\
+             allow-loopback-peers\n\
+             log-file=/var/log/turnserver.log\n",
+            common::REALM
+        )
+    });
+    assert!(
+        toml.contains("external-ip = \"127.0.0.1/127.0.0.1\""),
+        "{toml}"
+    );
+    assert!(toml.contains("someId = \"somePasswd\""), "{toml}");
+    let port = server.port;
+    for flags in [&[][..], &["-t"][..]] {
+        relay_through(
+            &server,
+            port,
+            ("someId", "somePasswd"),
+            flags,
+            2,
+            50,
+            &[120],
+        );
+    }
 }

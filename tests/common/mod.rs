@@ -129,15 +129,26 @@ pub fn start_with(body: &str) -> TestServer {
 
 /// Like [`start_with`], with extra environment variables for the server process.
 pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> TestServer {
+    start_custom(
+        |port, min_port, max_port| {
+            format!(
+                "listening-ips = [\"127.0.0.1\"]\nlistening-port = {port}\nmin-port = {min_port}\nmax-port = {max_port}\nrealm = \"{REALM}\"\nlog-level = \"debug\"\n{body}"
+            )
+        },
+        env,
+    )
+}
+
+/// Starts a server with the whole configuration `make(port, min_port, max_port)` returns, for
+/// a free listening port and a relay range of this harness.
+pub fn start_custom(make: impl Fn(u16, u16, u16) -> String, env: &[(&str, &str)]) -> TestServer {
     for _ in 0..5 {
         let port = free_port();
         let (min_port, max_port) = relay_range();
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("turnserver-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let config = format!(
-            "listening-ips = [\"127.0.0.1\"]\nlistening-port = {port}\nmin-port = {min_port}\nmax-port = {max_port}\nrealm = \"{REALM}\"\nlog-level = \"debug\"\n{body}"
-        );
+        let config = make(port, min_port, max_port);
         let path = dir.join("turnserver.toml");
         std::fs::write(&path, &config).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_turnserver"))
