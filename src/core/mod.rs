@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info};
 
-use crate::auth::{NONCE_LEN, NonceCheck, NonceMint, Users, Verdict};
+use crate::auth::{
+    Key, NONCE_LEN, NonceCheck, NonceMint, PASSWORD_ALGORITHMS, PasswordAlgorithm, Users, Verdict,
+};
 use crate::wire::{
     self, AttrType, ChannelData, ChannelNumber, Class, ErrorCode, FAMILY_IPV4, FAMILY_IPV6,
     HEADER_LEN, Integrity, MAGIC_COOKIE, MessageRef, MessageWriter, Method, PROTO_UDP, ParseError,
@@ -473,8 +475,9 @@ struct Reservation {
 
 /// The identity an authenticated request carries.
 struct Auth<'a> {
-    username: &'a str,
-    key: [u8; 16],
+    /// From USERNAME, or the configured user a USERHASH names.
+    username: std::borrow::Cow<'a, str>,
+    key: Key,
     integrity: Integrity,
 }
 
@@ -833,8 +836,8 @@ impl Server {
         }
         if let Some(a) = auth {
             match a.integrity {
-                Integrity::Sha1 => w.add_integrity(&a.key),
-                Integrity::Sha256 => w.add_integrity_sha256(&a.key),
+                Integrity::Sha1 => w.add_integrity(a.key.as_slice()),
+                Integrity::Sha256 => w.add_integrity_sha256(a.key.as_slice()),
             };
         }
         if self.cfg.fingerprint || req.fingerprint_valid().is_some() {
@@ -922,7 +925,8 @@ impl Server {
         let realm = self.cfg.users.as_ref().map_or("", |u| u.realm());
         self.respond(out, req, Some(code), None, |w| {
             w.add(AttrType::REALM, realm.as_bytes())
-                .add(AttrType::NONCE, &nonce);
+                .add(AttrType::NONCE, &nonce)
+                .add(AttrType::PASSWORD_ALGORITHMS, &PASSWORD_ALGORITHMS);
         })
     }
 
@@ -941,27 +945,68 @@ impl Server {
             let refused = (ErrorCode::UNAUTHORIZED, "no credentials");
             return Err(self.challenge(now, client, msg, out, refused, None));
         };
-        let (Ok(Some(username)), Ok(Some(_realm)), Ok(Some(nonce))) =
-            (msg.username(), msg.realm(), msg.nonce())
-        else {
-            return Err(self.refuse(
-                client,
-                msg,
-                out,
-                None,
-                (
-                    ErrorCode::BAD_REQUEST,
-                    "integrity without USERNAME, REALM and NONCE",
-                ),
-            ));
+        let bad_request = |reason| (ErrorCode::BAD_REQUEST, reason);
+        let (Ok(Some(_realm)), Ok(Some(nonce))) = (msg.realm(), msg.nonce()) else {
+            let refused = bad_request("integrity without REALM and NONCE");
+            return Err(self.refuse(client, msg, out, None, refused));
         };
+        // The user: USERNAME, or USERHASH (RFC 8489 14.4), which names a configured user only.
+        let username: std::borrow::Cow<'m, str> = match msg.username() {
+            Ok(Some(u)) => u.into(),
+            Ok(None) => match msg.get(AttrType::USERHASH) {
+                Some(hash) => match users.user_by_hash(hash) {
+                    Some(u) => u.to_owned().into(),
+                    None => {
+                        self.stats.auth_failures += 1;
+                        let refused = (ErrorCode::UNAUTHORIZED, "unknown USERHASH");
+                        return Err(self.challenge(now, client, msg, out, refused, None));
+                    }
+                },
+                None => {
+                    let refused = bad_request("integrity without USERNAME or USERHASH");
+                    return Err(self.refuse(client, msg, out, None, refused));
+                }
+            },
+            Err(_) => {
+                let refused = bad_request("malformed USERNAME");
+                return Err(self.refuse(client, msg, out, None, refused));
+            }
+        };
+        // The password algorithm (RFC 8489 9.2.4): MD5 when the client names none; otherwise
+        // PASSWORD-ALGORITHMS must repeat this server's offer byte for byte (so that a removed
+        // SHA-256 shows: downgrade protection) and PASSWORD-ALGORITHM must be one of it.
+        let algorithm = match (
+            msg.get(AttrType::PASSWORD_ALGORITHMS),
+            msg.get(AttrType::PASSWORD_ALGORITHM),
+        ) {
+            (None, None) => PasswordAlgorithm::Md5,
+            (Some(offer), Some(&[a, b, 0, 0])) if offer == PASSWORD_ALGORITHMS => {
+                match PasswordAlgorithm::from_code(u16::from_be_bytes([a, b])) {
+                    Some(alg) => alg,
+                    None => {
+                        let refused = bad_request("PASSWORD-ALGORITHM not offered");
+                        return Err(self.refuse(client, msg, out, None, refused));
+                    }
+                }
+            }
+            _ => {
+                let refused = bad_request(
+                    "PASSWORD-ALGORITHMS differs from the offer, or PASSWORD-ALGORITHM is \
+                     missing or malformed",
+                );
+                return Err(self.refuse(client, msg, out, None, refused));
+            }
+        };
+        let username_str: &str = &username;
         // RFC 8489 9.2.4 order: the user, then the integrity, then the nonce. Password checks
         // are rate-limited per user and source address; beyond the limit the answer is 401
         // without a check, so guessing gains nothing.
-        let guess = (username, client.remote.ip());
+        let guess = (username_str, client.remote.ip());
         let checked = self.shared.guesses().has_token(guess, now);
         let verdict = if checked {
-            users.verify(username, self.unix_secs(now), |k| msg.verify(k))
+            users.verify(username_str, self.unix_secs(now), algorithm, |k| {
+                msg.verify(k)
+            })
         } else {
             Verdict::BadIntegrity
         };
@@ -969,13 +1014,17 @@ impl Server {
             // Only failures spend the budget.
             self.shared.guesses().allow(guess, now);
             self.stats.auth_failures += 1;
-            let known = users.key(username).is_some()
-                || (users.has_secrets() && crate::auth::rest_expiry(username).is_some());
-            let shown = if known { username } else { "(unknown user)" };
+            let known = users.key(username_str).is_some()
+                || (users.has_secrets() && crate::auth::rest_expiry(username_str).is_some());
+            let shown = if known {
+                username_str
+            } else {
+                "(unknown user)"
+            };
             let reason = match verdict {
                 _ if !checked => "too many attempts",
                 Verdict::Expired(expiry) => {
-                    debug!(%client, user = username, expiry, "REST credentials past their expiry");
+                    debug!(%client, user = username_str, expiry, "REST credentials past their expiry");
                     "expired credentials (REST username past its expiry time)"
                 }
                 _ => "bad credentials",
@@ -987,12 +1036,12 @@ impl Server {
                 msg,
                 out,
                 (ErrorCode::UNAUTHORIZED, reason),
-                Some(username),
+                Some(username_str),
             ));
         };
         if self.nonces.check(nonce, self.secs(now), client.remote) == NonceCheck::Stale {
             let refused = (ErrorCode::STALE_NONCE, "stale nonce");
-            return Err(self.challenge(now, client, msg, out, refused, Some(username)));
+            return Err(self.challenge(now, client, msg, out, refused, Some(username_str)));
         }
         Ok(Some(Auth {
             username,
@@ -1018,7 +1067,7 @@ impl Server {
         if n > 0 {
             return self.unknown_attributes(client, msg, out, auth.as_ref(), &unknown[..n]);
         }
-        let username = auth.as_ref().map_or("", |a| a.username);
+        let username = auth.as_ref().map_or("", |a| &*a.username);
         let result = match msg.method() {
             Method::ALLOCATE => self.allocate(now, client, msg, auth.as_ref(), relays),
             m => match self
@@ -1178,7 +1227,7 @@ impl Server {
                 ));
             }
         };
-        let username = auth.map_or("", |a| a.username);
+        let username = auth.map_or("", |a| &*a.username);
         let limits = Limits {
             total: self.cfg.total_quota,
             user: self.cfg.user_quota,

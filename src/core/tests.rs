@@ -1304,9 +1304,9 @@ fn unauthenticated_answers_stay_small() {
     let t = h.txid();
     let req = h.build(Method::ALLOCATE, t, None, |_| {});
     let r = h.request(client(1), &req);
-    // Header, ERROR-CODE, REALM, NONCE, FINGERPRINT: no SOFTWARE.
+    // Header, ERROR-CODE, REALM, NONCE, PASSWORD-ALGORITHMS, FINGERPRINT: no SOFTWARE.
     assert_eq!(r.msg().software().unwrap(), None);
-    assert!(r.0.len() <= 20 + 20 + 4 + pad4(REALM.len()) + 4 + NONCE_LEN + 8);
+    assert!(r.0.len() <= 20 + 20 + 4 + pad4(REALM.len()) + 4 + pad4(NONCE_LEN) + 12 + 8);
     let t = h.txid();
     let req = h.build(Method::BINDING, t, None, |_| {});
     let r = h.request(client(1), &req);
