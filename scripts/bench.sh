@@ -16,7 +16,8 @@
 #   * paced: 200 clients x 50 packets/s, UDP ChannelData, 100 bytes: loss, CPU per packet,
 #     latency;
 #   * peak: paced offered load raised step by step until more than 0.1% is lost (twice in a
-#     row); the highest rate relayed with at most 0.1% loss, then latency at half of it;
+#     row); the highest rate relayed with at most 0.1% loss, then latency at half of it, and
+#     latency of both at one same load (half of the lower peak);
 #   * cross-check: coturn's own turnutils_uclient (-z 0 -c) through each server to
 #     turnutils_peer, server CPU per relayed packet;
 #   * instructions: with hardware counters, `perf stat -e instructions:u,instructions:k` on the
@@ -310,6 +311,16 @@ bench_both() {
     fi
   done
   swap
+  # The same offered load for both: half of the lower of the two peaks.
+  local low
+  low=$(awk -v a="${peak_rate[coturn]}" -v b="${peak_rate[turnserver]}" \
+    'BEGIN { m = (a < b ? a : b); printf "%.1f", m / 2 }')
+  if [ "$low" != "0.0" ]; then
+    for name in "${ORDER[@]}"; do
+      gen "$name" half-low-peak --clients 100 --size 100 --duration "$PACED_S" --rate "$low"
+    done
+    swap
+  fi
 
   # Cross-check with coturn's own client: 20 clients, UC_N messages each, as fast as it goes.
   local before after recv lost
@@ -445,6 +456,12 @@ table() {
   row "half of peak: round-trip latency p50 us" "${v[0]}" "${v[1]}" lower
   mapfile -t v < <(both half-peak '.latency_us.p99' 1)
   row "half of peak: round-trip latency p99 us" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both half-low-peak '.relayed_pps' 0)
+  row "same load for both (half of the lower peak): offered relayed packets/s" "${v[0]}" "${v[1]}" "-"
+  mapfile -t v < <(both half-low-peak '.latency_us.p50' 1)
+  row "same load: round-trip latency p50 us" "${v[0]}" "${v[1]}" lower
+  mapfile -t v < <(both half-low-peak '.latency_us.p99' 1)
+  row "same load: round-trip latency p99 us" "${v[0]}" "${v[1]}" lower
   mapfile -t v < <(both alloc '.allocations_per_s' 0)
   row "allocations/s (401, Allocate, CreatePermission, ChannelBind; 64 at a time)" "${v[0]}" "${v[1]}" higher
   mapfile -t v < <(both alloc '.server_process.cpu_us_per_allocation' 1)

@@ -119,9 +119,6 @@ fn not_carried(key: &str) -> Option<&'static str> {
         "no-multicast-peers" => "multicast peers are always refused unless allowed-peer-ips says",
         "no-loopback-peers" => "loopback peers are refused by default",
         "server-name" => "not used; the realm and SOFTWARE are set by realm and software",
-        "alternate-server" | "tls-alternate-server" => {
-            "ALTERNATE-SERVER redirection is not implemented yet"
-        }
         "log-file"
         | "syslog"
         | "syslog-facility"
@@ -267,6 +264,14 @@ pub fn migrate(text: &str, source: &str) -> String {
             "listening-ip" => lists.entry("listening-ips").or_default().push(value.into()),
             "relay-ip" => lists.entry("relay-ips").or_default().push(value.into()),
             "external-ip" => lists.entry("external-ip").or_default().push(value.into()),
+            "alternate-server" => lists
+                .entry("alternate-servers")
+                .or_default()
+                .push(value.into()),
+            "tls-alternate-server" => lists
+                .entry("tls-alternate-servers")
+                .or_default()
+                .push(value.into()),
             "static-auth-secret" => lists
                 .entry("static-auth-secret")
                 .or_default()
@@ -403,7 +408,12 @@ pub fn migrate(text: &str, source: &str) -> String {
             }
         }
     }
-    for key in ["allowed-peer-ips", "denied-peer-ips"] {
+    for key in [
+        "allowed-peer-ips",
+        "denied-peer-ips",
+        "alternate-servers",
+        "tls-alternate-servers",
+    ] {
         if let Some(v) = lists.get(key) {
             let _ = writeln!(out, "{key} = {}", list(v));
         }
@@ -553,7 +563,8 @@ total-quota=100
     fn every_line_is_accounted_for() {
         let toml = migrate(
             "--realm = \"x.org\"\nfoo-bar=1\nuser=broken\nmin-port=abc\nstatic-auth-secret=s1\n\
-             static-auth-secret=s2\nprometheus\nlistening-ip 127.0.0.1\n",
+             static-auth-secret=s2\nprometheus\nlistening-ip 127.0.0.1\n\
+             alternate-server=192.0.2.1:3478\nalternate-server=192.0.2.2\n",
             "t",
         );
         assert!(toml.contains("realm = \"x.org\""), "{toml}");
@@ -571,7 +582,12 @@ total-quota=100
             "{toml}"
         );
         assert!(toml.contains("prometheus-port = 9641"), "{toml}");
+        assert!(
+            toml.contains("alternate-servers = [\"192.0.2.1:3478\", \"192.0.2.2\"]"),
+            "{toml}"
+        );
         let cfg = config::parse(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
         assert_eq!(cfg.auth_secrets.len(), 2);
+        assert_eq!(cfg.alternate_servers.len(), 2);
     }
 }

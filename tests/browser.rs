@@ -43,7 +43,7 @@ const MESSAGES_EACH_WAY: u32 = 20;
 struct Case {
     name: String,
     urls: String,
-    username: &'static str,
+    username: String,
     credential: String,
     #[serde(flatten)]
     expect: Expect,
@@ -62,8 +62,10 @@ enum Expect {
     Error(u16),
 }
 
-/// A right-password and a wrong-password case for each of UDP, TCP and TLS.
-fn cases(server: &TestServer, tls_port: u16) -> Vec<Case> {
+/// A right-password and a wrong-password case for each of UDP, TCP and TLS, and over UDP a
+/// TURN REST credential minted from `secret` (the server's `static-auth-secret`) and an expired
+/// one.
+fn cases(server: &TestServer, tls_port: u16, secret: &str) -> Vec<Case> {
     let port = server.port;
     let targets = [
         ("udp", format!("turn:127.0.0.1:{port}?transport=udp")),
@@ -76,7 +78,7 @@ fn cases(server: &TestServer, tls_port: u16) -> Vec<Case> {
             let case = |name, credential, expect| Case {
                 name,
                 urls: urls.clone(),
-                username: USER,
+                username: USER.into(),
                 credential,
                 expect,
                 transport,
@@ -90,7 +92,34 @@ fn cases(server: &TestServer, tls_port: u16) -> Vec<Case> {
                 ),
             ]
         })
+        .chain(rest_cases(port, secret))
         .collect()
+}
+
+/// REST credentials over UDP: one valid for an hour, one expired a minute ago.
+fn rest_cases(port: u16, secret: &str) -> Vec<Case> {
+    use turnserver::auth::{rest_password, rest_username};
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    [
+        ("udp-rest", now + 3600, Expect::Relay("udp")),
+        ("udp-rest-expired", now - 60, Expect::Error(401)),
+    ]
+    .into_iter()
+    .map(|(name, expiry, expect)| {
+        let username = rest_username(expiry, Some(USER));
+        Case {
+            name: name.into(),
+            urls: format!("turn:127.0.0.1:{port}?transport=udp"),
+            credential: rest_password(secret.as_bytes(), &username),
+            username,
+            expect,
+            transport: "udp",
+        }
+    })
+    .collect()
 }
 
 #[derive(Deserialize, Debug)]
@@ -335,7 +364,8 @@ fn check_error_case(f: &mut Vec<String>, case: &Case, code: u16, r: &CaseResult)
 fn check_log(f: &mut Vec<String>, log: &str, cases: &[Case]) {
     for c in cases {
         let client = format!("client={}:127.0.0.1:", c.transport);
-        let for_alice = |l: &&str| l.contains(&client) && l.contains("user=\"alice\"");
+        let user = format!("user=\"{}\"", c.username);
+        let for_alice = |l: &&str| l.contains(&client) && l.contains(&user);
         match c.expect {
             Expect::Relay(_) => {
                 // One allocation for the gathering, one for each of the two connections.
@@ -356,7 +386,7 @@ fn check_log(f: &mut Vec<String>, log: &str, cases: &[Case]) {
                 let refused = log.lines().filter(for_alice).any(|l| {
                     l.contains("request refused")
                         && l.contains(&format!("code={code}"))
-                        && l.contains("bad credentials")
+                        && (l.contains("bad credentials") || l.contains("expired credentials"))
                 });
                 check(f, refused, || {
                     format!(
@@ -399,7 +429,9 @@ fn chromium_relays_through_the_server() {
     }
     let dir = TempDir::new("browser");
     let certs = TestCerts::generate(&dir.0, "browser");
-    let (server, tls_port) = common::start_tls(&certs, "");
+    let secret = "browser-rest-secret";
+    let (server, tls_port) =
+        common::start_tls(&certs, &format!("static-auth-secret = \"{secret}\""));
     assert!(
         server
             .log()
@@ -408,7 +440,7 @@ fn chromium_relays_through_the_server() {
         server.log()
     );
 
-    let cases = cases(&server, tls_port);
+    let cases = cases(&server, tls_port, secret);
     let config = json!({
         "chromium": chromium(),
         "deadlineMs": RUNNER_BUDGET_MS,

@@ -109,6 +109,12 @@ pub struct Config {
     pub auth: bool,
     /// Sorted by name, unique.
     pub users: Vec<(String, UserKey)>,
+    /// Servers an Allocate over UDP or TCP is redirected to with 300 Try Alternate
+    /// (`alternate-servers`), in turn, among those of the client's address family. Empty: no
+    /// redirection.
+    pub alternate_servers: Vec<SocketAddr>,
+    /// The same for TLS and DTLS clients (`tls-alternate-servers`).
+    pub tls_alternate_servers: Vec<SocketAddr>,
     /// Shared secrets for TURN REST API credentials (`static-auth-secret` with
     /// `use-auth-secret`): the username is `EXPIRY[:USER]`, the password
     /// base64(HMAC-SHA1(secret, username)). Empty when off. Several secrets let one be rotated
@@ -479,6 +485,8 @@ struct RawConfig {
     lt_cred_mech: Option<Spanned<bool>>,
     no_auth: Option<Spanned<bool>>,
     use_auth_secret: Option<Spanned<bool>>,
+    alternate_servers: Option<Spanned<Vec<Spanned<String>>>>,
+    tls_alternate_servers: Option<Spanned<Vec<Spanned<String>>>>,
     static_auth_secret: Option<Spanned<StringOrList>>,
     users: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     max_allocate_lifetime: Option<Spanned<u32>>,
@@ -567,6 +575,44 @@ impl Checker<'_> {
                     .ok_or_else(|| bad("has a prefix length out of range"))?,
             };
             out.push((ip, len));
+        }
+        Ok(out)
+    }
+
+    /// Parses an array of `IP[:PORT]` servers (IPv6 as `[IP]:PORT`), `default_port` when the
+    /// port is left out; at most 16.
+    fn server_list(
+        &self,
+        key: &str,
+        values: &[Spanned<String>],
+        default_port: u16,
+    ) -> Result<Vec<SocketAddr>, ConfigError> {
+        if values.len() > 16 {
+            return Err(self.error(key, None, format!("{key}: at most 16 servers")));
+        }
+        let mut out = Vec::new();
+        for value in values {
+            let text = value.get_ref().trim();
+            let addr = text
+                .parse::<SocketAddr>()
+                .ok()
+                .or_else(|| {
+                    let ip = text.trim_start_matches('[').trim_end_matches(']');
+                    ip.parse::<IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, default_port))
+                })
+                .filter(|a| !a.ip().is_unspecified() && a.port() != 0);
+            match addr {
+                Some(a) => out.push(a),
+                None => {
+                    return Err(self.error(
+                        key,
+                        Some(value.span()),
+                        format!("{key}: {text:?} is not IP, IP:PORT or [IPv6]:PORT"),
+                    ));
+                }
+            }
         }
         Ok(out)
     }
@@ -828,6 +874,14 @@ impl RawConfig {
         }
         let auth = !value_or(&self.no_auth, false);
         let auth_secrets = self.auth_secrets(&check, auth)?;
+        let alternate_servers = match &self.alternate_servers {
+            Some(list) => check.server_list("alternate-servers", list.get_ref(), 3478)?,
+            None => Vec::new(),
+        };
+        let tls_alternate_servers = match &self.tls_alternate_servers {
+            Some(list) => check.server_list("tls-alternate-servers", list.get_ref(), 5349)?,
+            None => Vec::new(),
+        };
         let users = self.users(&check, auth && auth_secrets.is_empty())?;
 
         // Lifetimes.
@@ -1009,6 +1063,8 @@ impl RawConfig {
             fingerprint,
             auth,
             users,
+            alternate_servers,
+            tls_alternate_servers,
             auth_secrets,
             max_allocate_lifetime,
             default_allocate_lifetime,
@@ -1418,6 +1474,13 @@ impl Config {
         } else {
             let _ = writeln!(out, "workers: {}", self.workers);
         }
+        if !self.alternate_servers.is_empty() || !self.tls_alternate_servers.is_empty() {
+            let _ = writeln!(
+                out,
+                "allocations redirected (300 Try Alternate) to: {:?} (udp, tcp), {:?} (tls, dtls)",
+                self.alternate_servers, self.tls_alternate_servers
+            );
+        }
         let _ = writeln!(
             out,
             "udp segmentation offload: {}",
@@ -1711,6 +1774,8 @@ bob = "b"
             "udp-gso",
             "use-auth-secret",
             "static-auth-secret",
+            "alternate-servers",
+            "tls-alternate-servers",
         ] {
             let assignment = format!("{key} =");
             let present = EXAMPLE.lines().any(|line| {

@@ -283,6 +283,11 @@ pub struct ServerConfig {
     pub max_permissions: usize,
     /// Channels per allocation.
     pub max_channels: usize,
+    /// Where Allocate requests over UDP and TCP are redirected (300 Try Alternate); empty for
+    /// none.
+    pub alternate_servers: Vec<SocketAddr>,
+    /// The same for TLS and DTLS.
+    pub tls_alternate_servers: Vec<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -308,6 +313,8 @@ impl ServerConfig {
             denied_peers: Vec::new(),
             max_permissions: 64,
             max_channels: 64,
+            alternate_servers: Vec::new(),
+            tls_alternate_servers: Vec::new(),
         }
     }
 }
@@ -505,6 +512,8 @@ pub struct Server {
     epoch: Instant,
     /// Unix seconds at `epoch`.
     unix_epoch: u64,
+    /// Turns of the alternate-server rotation.
+    alternate_turn: usize,
     prf: Prf,
     allocs: Vec<Option<Allocation>>,
     /// Generation of each slot, bumped when the slot is freed, so that stale timer entries
@@ -547,6 +556,7 @@ impl Server {
             nonces: NonceMint::new(derive_key(&secret, b"nonce"), cfg.stale_nonce),
             policy,
             epoch: now,
+            alternate_turn: 0,
             unix_epoch: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -1067,6 +1077,22 @@ impl Server {
         if n > 0 {
             return self.unknown_attributes(client, msg, out, auth.as_ref(), &unknown[..n]);
         }
+        if msg.method() == Method::ALLOCATE
+            && let Some(alternate) = self.alternate_server(&client)
+        {
+            debug!(%client, %alternate, "allocate redirected (300 Try Alternate)");
+            self.stats
+                .response(msg.method(), Some(ErrorCode::TRY_ALTERNATE.0));
+            return self.respond(
+                out,
+                msg,
+                Some(ErrorCode::TRY_ALTERNATE),
+                auth.as_ref(),
+                |w| {
+                    w.add_address(AttrType::ALTERNATE_SERVER, alternate);
+                },
+            );
+        }
         let username = auth.as_ref().map_or("", |a| &*a.username);
         let result = match msg.method() {
             Method::ALLOCATE => self.allocate(now, client, msg, auth.as_ref(), relays),
@@ -1120,6 +1146,25 @@ impl Server {
                 })
             }
         }
+    }
+
+    /// The next alternate server for `client` (RFC 8489 10): the configured servers for its
+    /// transport, in turn, among those of its address family; `None` when there are none.
+    fn alternate_server(&mut self, client: &ClientId) -> Option<SocketAddr> {
+        let list = match client.transport {
+            Transport::Udp | Transport::Tcp => &self.cfg.alternate_servers,
+            Transport::Tls | Transport::Dtls => &self.cfg.tls_alternate_servers,
+        };
+        let v4 = client.remote.is_ipv4();
+        let n = list.iter().filter(|a| a.is_ipv4() == v4).count();
+        if n == 0 {
+            return None;
+        }
+        self.alternate_turn = self.alternate_turn.wrapping_add(1);
+        list.iter()
+            .filter(|a| a.is_ipv4() == v4)
+            .nth(self.alternate_turn % n)
+            .copied()
     }
 
     /// The lifetime granted for a requested one (RFC 8656 7.2): the request capped at the

@@ -154,6 +154,8 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
     sc.max_bps = cfg.max_bps;
     sc.max_permissions = cfg.max_permissions as usize;
     sc.max_channels = cfg.max_channels as usize;
+    sc.alternate_servers = cfg.alternate_servers.clone();
+    sc.tls_alternate_servers = cfg.tls_alternate_servers.clone();
     sc
 }
 
