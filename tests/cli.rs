@@ -121,3 +121,46 @@ fn hash_password_line_configures_a_user_without_the_password() {
     c.password = "wrong".into();
     assert_eq!(c.allocate(None), Some(401));
 }
+
+/// A private relay address without an external-ip mapping is named in `--check-config` (the
+/// usual cause of relay candidates browsers cannot reach behind 1:1 NAT); a running server logs
+/// each relay address with the address it advertises.
+#[test]
+fn private_relay_without_external_ip_is_warned_about() {
+    let cfg = write(
+        "private.toml",
+        "listening-ips = [\"10.0.0.5\"]\n[users]\na = \"b\"\n",
+    );
+    let out = turnserver()
+        .args(["--check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("warning: relay ip 10.0.0.5 is private and no external-ip maps it"),
+        "{text}"
+    );
+    let mapped = write(
+        "mapped.toml",
+        "listening-ips = [\"10.0.0.5\"]\nexternal-ip = \"203.0.113.5/10.0.0.5\"\n[users]\na = \"b\"\n",
+    );
+    let out = turnserver()
+        .args(["--check-config", "--config"])
+        .arg(&mapped)
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("warning: relay ip"));
+
+    let server = common::start("");
+    assert!(
+        server.wait_log(
+            "relay address relay=127.0.0.1 advertised=127.0.0.1",
+            std::time::Duration::from_secs(2)
+        ),
+        "{}",
+        server.log()
+    );
+    assert!(!server.log().contains("is private"));
+}

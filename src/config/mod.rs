@@ -635,6 +635,21 @@ impl Checker<'_> {
     }
 }
 
+/// Whether `ip` is in a private range: 10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7,
+/// fe80::/10 (loopback is not: it is for tests on one host).
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_private() || v4.is_link_local() || (o[0] == 100 && (o[1] & 0xC0) == 64)
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            (first & 0xFE00) == 0xFC00 || (first & 0xFFC0) == 0xFE80
+        }
+    }
+}
+
 /// The value of an optional field, or `default` when the key is absent.
 fn value_or<T: Clone>(field: &Option<Spanned<T>>, default: T) -> T {
     field
@@ -1355,6 +1370,29 @@ impl Config {
     /// A multi-line, human-readable account of what the server will do with this configuration,
     /// printed by `turnserver --check-config`.
     #[must_use]
+    /// The address clients are told for relay address `relay`: the `public` of the
+    /// `external-ip` entry that maps it, else of the entry without a private address, else
+    /// `relay` itself.
+    pub fn advertised(&self, relay: IpAddr) -> IpAddr {
+        self.external_ips
+            .iter()
+            .find(|e| e.private == Some(relay))
+            .or_else(|| self.external_ips.iter().find(|e| e.private.is_none()))
+            .map_or(relay, |e| e.public)
+    }
+
+    /// Relay addresses in private ranges (RFC 1918, shared address space 100.64.0.0/10, IPv6
+    /// unique-local and link-local) that no `external-ip` maps: clients outside their network
+    /// would be given a relay candidate they cannot reach. This is the usual reason a browser
+    /// behind a cloud's 1:1 NAT gets no working relay candidate.
+    pub fn unmapped_private_relays(&self) -> Vec<IpAddr> {
+        self.relay_ips
+            .iter()
+            .copied()
+            .filter(|ip| is_private(*ip) && self.advertised(*ip) == *ip)
+            .collect()
+    }
+
     pub fn summary(&self) -> String {
         use std::fmt::Write as _;
 
@@ -1392,6 +1430,14 @@ impl Config {
             }
         }
         let _ = writeln!(out, "relay ips: {}", join(&self.relay_ips));
+        for ip in self.unmapped_private_relays() {
+            let _ = writeln!(
+                out,
+                "warning: relay ip {ip} is private and no external-ip maps it; clients outside \
+                 its network get a relay address they cannot reach (behind 1:1 NAT: \
+                 external-ip = \"PUBLIC/{ip}\")"
+            );
+        }
         let port_count = u32::from(self.max_port) - u32::from(self.min_port) + 1;
         let _ = writeln!(
             out,
@@ -2555,6 +2601,57 @@ bob = "b"
         assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
 
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn private_relays_without_external_ip_are_named() {
+        let cfg = parse(&valid_at("10.0.0.5", "")).expect("valid");
+        assert_eq!(cfg.unmapped_private_relays(), vec![ip("10.0.0.5")]);
+        assert!(
+            cfg.summary()
+                .contains("warning: relay ip 10.0.0.5 is private")
+        );
+        let mapped = parse(&valid_at(
+            "10.0.0.5",
+            "external-ip = \"203.0.113.5/10.0.0.5\"",
+        ))
+        .expect("valid");
+        assert!(mapped.unmapped_private_relays().is_empty());
+        assert_eq!(mapped.advertised(ip("10.0.0.5")), ip("203.0.113.5"));
+        let catch_all =
+            parse(&valid_at("10.0.0.5", "external-ip = \"203.0.113.5\"")).expect("valid");
+        assert!(catch_all.unmapped_private_relays().is_empty());
+        for public_or_loopback in ["127.0.0.1", "192.0.2.1", "::1", "2001:db8::1"] {
+            let cfg = parse(&valid_at(public_or_loopback, "")).expect("valid");
+            assert!(
+                cfg.unmapped_private_relays().is_empty(),
+                "{public_or_loopback}"
+            );
+            assert!(!cfg.summary().contains("warning: relay ip"));
+        }
+        for private in [
+            "172.16.0.1",
+            "192.168.1.1",
+            "100.64.0.1",
+            "fd00::1",
+            "fe80::1",
+        ] {
+            assert!(is_private(ip(private)), "{private}");
+        }
+        for not in [
+            "172.32.0.1",
+            "100.128.0.1",
+            "8.8.8.8",
+            "2001:db8::1",
+            "127.0.0.1",
+        ] {
+            assert!(!is_private(ip(not)), "{not}");
+        }
+    }
+
+    /// A valid configuration listening (and relaying) on `addr`, with `extra` keys.
+    fn valid_at(addr: &str, extra: &str) -> String {
+        with_users(&format!("listening-ips = [\"{addr}\"]\n{extra}"))
     }
 
     #[test]

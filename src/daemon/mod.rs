@@ -355,6 +355,12 @@ impl Supervisor {
             info!(period_ms = period.as_millis() as u64, "systemd watchdog on");
             tokio::time::interval(period)
         });
+        for &relay in &self.running.relay_ips {
+            info!(%relay, advertised = %self.running.advertised(relay), "relay address");
+        }
+        for ip in self.running.unmapped_private_relays() {
+            warn!(relay = %ip, "relay address is private and no external-ip maps it: clients outside its network get a relay candidate they cannot reach (behind 1:1 NAT, set external-ip = \"PUBLIC/{ip}\")");
+        }
         info!(workers = self.drivers.len(), "ready");
 
         let why = loop {
