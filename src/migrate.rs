@@ -37,7 +37,7 @@ pub fn run(args: &Args) -> ExitCode {
     };
     let toml = migrate(&text, &args.input.display().to_string());
     let written = match &args.output {
-        Some(path) => std::fs::write(path, &toml).map_err(|e| format!("{}: {e}", path.display())),
+        Some(path) => write_private(path, &toml).map_err(|e| format!("{}: {e}", path.display())),
         None => {
             print!("{toml}");
             Ok(())
@@ -57,6 +57,20 @@ pub fn run(args: &Args) -> ExitCode {
             ExitCode::from(3)
         }
     }
+}
+
+/// Writes `text` to a new file readable by its owner only (0600): it may hold passwords and
+/// shared secrets. An existing file keeps its permissions.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 /// One line of the coturn file: its number, key and value (empty for a flag).

@@ -912,6 +912,9 @@ fn migrate_config(coturn_conf: &str) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let toml = std::fs::read_to_string(&output).unwrap_or_default();
     assert!(out.status.success(), "migrate-config: {stderr}\n{toml}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&output).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the migrated file holds passwords: owner only");
     assert!(stderr.contains("valid configuration"), "{stderr}");
     toml
 }
