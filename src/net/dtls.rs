@@ -227,9 +227,10 @@ async fn association(
                 driver.listeners[listener].count(n);
                 let now = Instant::now();
                 let mut bufs = driver.bufs.borrow_mut();
-                driver.client_input(now, client, &buf[..n], &mut bufs.reply, |r| {
+                driver.frame_input(now, client, &buf[..n], &mut bufs, |r| {
                     out.send(r);
                 });
+                driver.flush(&mut bufs.out);
             }
             Ok(Err(_)) => break "closed",
             Err(_) => break "idle",

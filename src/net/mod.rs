@@ -189,10 +189,6 @@ pub struct RelayTable {
 }
 
 impl RelayTable {
-    fn get(&self, addr: SocketAddr) -> Option<&Rc<UdpSocket>> {
-        self.at(self.index(addr)?)
-    }
-
     /// The socket at index `i` (see [`index`](Self::index)).
     fn at(&self, i: usize) -> Option<&Rc<UdpSocket>> {
         self.sockets.get(i)?.as_ref().map(|(s, _)| s)
@@ -416,41 +412,50 @@ impl Driver {
         }
     }
 
-    /// Feeds one client datagram or frame to the core and performs the action. `reply_to`
-    /// sends a reply back to the client.
-    fn client_input(
+    /// Hands one client datagram or frame to the core.
+    fn core_input(
         &self,
         now: Instant,
         client: ClientId,
         input: &[u8],
         reply: &mut [u8],
-        reply_to: impl FnOnce(&[u8]),
-    ) {
-        let action = {
-            let mut relays = self.relays.borrow_mut();
-            self.server
-                .borrow_mut()
-                .handle_client(now, client, input, reply, &mut *relays)
-        };
-        match action {
-            ClientAction::None => {}
-            ClientAction::Reply(n) => reply_to(&reply[..n]),
-            ClientAction::Forward {
-                relay,
-                peer,
-                payload,
-            } => {
-                if let Some(s) = self.relays.borrow().get(relay) {
-                    let _ = send_udp(s, &input[payload], peer);
+    ) -> ClientAction {
+        let mut relays = self.relays.borrow_mut();
+        self.server
+            .borrow_mut()
+            .handle_client(now, client, input, reply, &mut *relays)
+    }
+
+    /// Receives one datagram from `sock` into the outbox's free slot (sending what the outbox
+    /// holds first if it is full), at `HEADROOM` so that a header can be written in front: its
+    /// range in [`Outbox::slot`]'s buffer and its sender. `None` once the socket is drained
+    /// (or failed; `local` names it in the log).
+    fn recv_slot(
+        &self,
+        sock: &UdpSocket,
+        out: &mut Outbox,
+        local: SocketAddr,
+    ) -> Option<(std::ops::Range<usize>, SocketAddr)> {
+        if !out.has_room() {
+            self.flush(out);
+        }
+        let (buf, at) = out.slot();
+        let start = at + HEADROOM;
+        match sock.try_recv_from(&mut buf[start..start + MAX_DATAGRAM]) {
+            Ok((n, from)) => Some((start..start + n, from)),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    debug!(%local, error = %e, "udp receive error");
                 }
+                None
             }
         }
     }
 
-    /// Feeds one frame read from a TCP or TLS connection to the core and performs the action:
-    /// a reply goes back through `reply_to`, a forwarded payload is copied into the outbox
-    /// (the caller flushes it after the frames of one read).
-    fn stream_input(
+    /// Feeds one frame read from a TCP, TLS or DTLS connection to the core and performs the
+    /// action: a reply goes back through `reply_to`, a forwarded payload is copied into the
+    /// outbox (the caller flushes it after the frames of one read).
+    fn frame_input(
         &self,
         now: Instant,
         client: ClientId,
@@ -462,13 +467,7 @@ impl Driver {
         if is_request(frame) && !out.is_empty() {
             self.flush(out);
         }
-        let action = {
-            let mut relays = self.relays.borrow_mut();
-            self.server
-                .borrow_mut()
-                .handle_client(now, client, frame, reply, &mut *relays)
-        };
-        match action {
+        match self.core_input(now, client, frame, reply) {
             ClientAction::None => {}
             ClientAction::Reply(n) => reply_to(&reply[..n]),
             ClientAction::Forward {
@@ -497,39 +496,21 @@ impl Driver {
         let counters = &self.listeners[idx];
         let mut full = true;
         for _ in 0..BATCH {
-            if !out.has_room() {
-                self.flush(out);
-            }
-            let (buf, at) = out.slot();
-            let start = at + HEADROOM;
-            let (n, remote) = match sock.try_recv_from(&mut buf[start..start + MAX_DATAGRAM]) {
-                Ok(r) => r,
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        debug!(%local, error = %e, "udp receive error");
-                    }
-                    full = false;
-                    break;
-                }
+            let Some((datagram, remote)) = self.recv_slot(sock, out, local) else {
+                full = false;
+                break;
             };
-            counters.count(n);
-            let input = &buf[start..start + n];
-            if is_request(input) && !out.is_empty() {
+            counters.count(datagram.len());
+            if is_request(&out.slot().0[datagram.clone()]) && !out.is_empty() {
                 self.flush(out);
             }
-            let (buf, _) = out.slot();
-            let input = &buf[start..start + n];
+            let start = datagram.start;
             let client = ClientId {
                 transport: Transport::Udp,
                 remote,
                 local,
             };
-            let action = {
-                let mut relays = self.relays.borrow_mut();
-                self.server
-                    .borrow_mut()
-                    .handle_client(now, client, input, reply, &mut *relays)
-            };
+            let action = self.core_input(now, client, &out.slot().0[datagram], reply);
             match action {
                 ClientAction::None => {}
                 ClientAction::Reply(len) => {
@@ -563,25 +544,15 @@ impl Driver {
         // batch goes to the same client.
         let mut gathered: Option<(ClientId, usize, u64)> = None;
         for _ in 0..BATCH {
-            if !out.has_room() {
-                self.flush(out);
-            }
-            let (buf, at) = out.slot();
-            let start = at + HEADROOM;
-            let (n, peer) = match sock.try_recv_from(&mut buf[start..start + MAX_DATAGRAM]) {
-                Ok(r) => r,
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        debug!(%relay, error = %e, "relay receive error");
-                    }
-                    full = false;
-                    break;
-                }
+            let Some((datagram, peer)) = self.recv_slot(sock, out, relay) else {
+                full = false;
+                break;
             };
-            let action =
-                self.server
-                    .borrow_mut()
-                    .handle_peer(now, relay, peer, buf, start..start + n);
+            let (buf, _) = out.slot();
+            let action = self
+                .server
+                .borrow_mut()
+                .handle_peer(now, relay, peer, buf, datagram);
             let PeerAction::Forward { client, range } = action else {
                 continue;
             };

@@ -363,7 +363,7 @@ async fn read_frames(
                     Frame::Complete(n) => {
                         let frame = &buf[start..start + n];
                         counters.count(n);
-                        driver.stream_input(now, client, frame, &mut bufs, |r| {
+                        driver.frame_input(now, client, frame, &mut bufs, |r| {
                             conn.send(r);
                         });
                         start += n;
