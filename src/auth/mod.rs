@@ -18,37 +18,37 @@ use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha1::Sha1;
 
+/// `parts` joined with ':' fed to a fresh hash `D`.
+fn hash_joined<D: Digest>(parts: &[&str]) -> D {
+    let mut h = D::new();
+    for (i, part) in parts.iter().enumerate() {
+        if i > 0 {
+            h.update(b":");
+        }
+        h.update(part.as_bytes());
+    }
+    h
+}
+
 /// The long-term key of RFC 8489 9.2.2 for the MD5 password algorithm.
 pub fn long_term_key(username: &str, realm: &str, password: &str) -> [u8; 16] {
-    let mut h = Md5::new();
-    h.update(username.as_bytes());
-    h.update(b":");
-    h.update(realm.as_bytes());
-    h.update(b":");
-    h.update(password.as_bytes());
-    h.finalize().into()
+    hash_joined::<Md5>(&[username, realm, password])
+        .finalize()
+        .into()
 }
 
 /// The long-term key of RFC 8489 9.2.2 for the SHA-256 password algorithm.
 pub fn long_term_key_sha256(username: &str, realm: &str, password: &str) -> [u8; 32] {
-    use sha2::{Digest as _, Sha256};
-    let mut h = Sha256::new();
-    h.update(username.as_bytes());
-    h.update(b":");
-    h.update(realm.as_bytes());
-    h.update(b":");
-    h.update(password.as_bytes());
-    h.finalize().into()
+    hash_joined::<sha2::Sha256>(&[username, realm, password])
+        .finalize()
+        .into()
 }
 
 /// USERHASH (RFC 8489 14.4): SHA-256(username ":" realm).
 pub fn userhash(username: &str, realm: &str) -> [u8; 32] {
-    use sha2::{Digest as _, Sha256};
-    let mut h = Sha256::new();
-    h.update(username.as_bytes());
-    h.update(b":");
-    h.update(realm.as_bytes());
-    h.finalize().into()
+    hash_joined::<sha2::Sha256>(&[username, realm])
+        .finalize()
+        .into()
 }
 
 /// The password algorithms of RFC 8489 18.5.
