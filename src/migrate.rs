@@ -253,16 +253,16 @@ fn peer_prefixes(value: &str) -> Result<Vec<String>, String> {
 
 /// Translates a coturn configuration into ours. `source` names the file in the header.
 pub fn migrate(text: &str, source: &str) -> String {
-    let mut top: Vec<(&'static str, String)> = Vec::new();
+    let mut top: Vec<(String, String)> = Vec::new();
     let mut lists: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     let mut users: Vec<(String, String, usize)> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
     let mut log_level: Option<&str> = None;
     let mut prometheus_port: Option<String> = None;
     let mut prometheus = false;
-    let set = |key: &'static str, value: String, top: &mut Vec<(&'static str, String)>| {
-        top.retain(|(k, _)| *k != key);
-        top.push((key, value));
+    let set = |key: &str, value: String, top: &mut Vec<(String, String)>| {
+        top.retain(|(k, _)| k != key);
+        top.push((key.to_owned(), value));
     };
     for Line { number, key, value } in lines(text) {
         let flag_true = || match value {
@@ -298,7 +298,7 @@ pub fn migrate(text: &str, source: &str) -> String {
             | "total-quota"
             | "max-bps"
             | "max-allocate-lifetime" => match number_value() {
-                Some(n) => set(config_key(key), n, &mut top),
+                Some(n) => set(key, n, &mut top),
                 None => bad("not a number"),
             },
             "relay-threads" => match number_value() {
@@ -313,7 +313,7 @@ pub fn migrate(text: &str, source: &str) -> String {
                 },
             },
             "realm" => set("realm", quote(value), &mut top),
-            "cert" | "pkey" => set(config_key(key), quote(value), &mut top),
+            "cert" | "pkey" => set(key, quote(value), &mut top),
             "fingerprint"
             | "lt-cred-mech"
             | "no-auth"
@@ -323,7 +323,7 @@ pub fn migrate(text: &str, source: &str) -> String {
             | "no-tls"
             | "no-dtls"
             | "allow-loopback-peers" => match flag_true() {
-                Some(v) => set(config_key(key), v, &mut top),
+                Some(v) => set(key, v, &mut top),
                 None => bad("not a flag value"),
             },
             "no-software-attribute" => set("software", quote(""), &mut top),
@@ -460,32 +460,6 @@ pub fn migrate(text: &str, source: &str) -> String {
         }
     }
     out
-}
-
-/// Our key for a coturn key of the same meaning.
-fn config_key(coturn: &str) -> &'static str {
-    match coturn {
-        "listening-port" => "listening-port",
-        "tls-listening-port" => "tls-listening-port",
-        "min-port" => "min-port",
-        "max-port" => "max-port",
-        "user-quota" => "user-quota",
-        "total-quota" => "total-quota",
-        "max-bps" => "max-bps",
-        "max-allocate-lifetime" => "max-allocate-lifetime",
-        "cert" => "cert",
-        "pkey" => "pkey",
-        "fingerprint" => "fingerprint",
-        "lt-cred-mech" => "lt-cred-mech",
-        "no-auth" => "no-auth",
-        "use-auth-secret" => "use-auth-secret",
-        "no-tcp" => "no-tcp",
-        "no-udp" => "no-udp",
-        "no-tls" => "no-tls",
-        "no-dtls" => "no-dtls",
-        "allow-loopback-peers" => "allow-loopback-peers",
-        _ => unreachable!("config_key called for {coturn}"),
-    }
 }
 
 /// A TOML key: bare when it can be, quoted otherwise.
