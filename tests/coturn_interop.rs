@@ -15,7 +15,7 @@
 mod common;
 
 use std::io::Read;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -208,7 +208,7 @@ impl Peer {
         for _ in 0..5 {
             let port = free_udp_port_pair();
             let child = Command::new(PEER)
-                .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
+                .args(["-p", &port.to_string(), "-L", "127.0.0.1", "-L", "::1"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -217,7 +217,9 @@ impl Peer {
             let mut peer = Peer { child, port };
             // turnutils_peer does not exit when it cannot bind, so check that it echoes on
             // both ports before using it (this also waits until it is ready).
-            if peer.echoes(port) && peer.echoes(port + 1) {
+            if peer.echoes(IpAddr::from([127, 0, 0, 1]), port)
+                && peer.echoes(IpAddr::from([127, 0, 0, 1]), port + 1)
+            {
                 return peer;
             }
             eprintln!("{PEER} on port {port} does not echo, retrying with another port");
@@ -226,11 +228,11 @@ impl Peer {
         panic!("{PEER} did not start");
     }
 
-    fn echoes(&mut self, port: u16) -> bool {
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    fn echoes(&mut self, ip: IpAddr, port: u16) -> bool {
+        let sock = UdpSocket::bind(SocketAddr::new(ip, 0)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(50)))
             .unwrap();
-        let target = SocketAddr::from(([127, 0, 0, 1], port));
+        let target = SocketAddr::new(ip, port);
         let probe = format!("probe {} {port}", std::process::id());
         let mut buf = [0u8; 256];
         for _ in 0..60 {
@@ -302,7 +304,7 @@ fn parse_totals(text: &str) -> Option<Totals> {
 
 fn uclient(
     server_port: u16,
-    peer_port: u16,
+    (peer_ip, peer_port): (&str, u16),
     (user, password): (&str, &str),
     flags: &[&str],
     clients: u32,
@@ -312,7 +314,7 @@ fn uclient(
     let mut cmd = Command::new(UCLIENT);
     cmd.args(flags)
         .args(["-u", user, "-w", password])
-        .args(["-e", "127.0.0.1", "-r", &peer_port.to_string()])
+        .args(["-e", peer_ip, "-r", &peer_port.to_string()])
         .args(["-p", &server_port.to_string()])
         .args(["-m", &clients.to_string()])
         .args(["-n", &messages.to_string()])
@@ -363,13 +365,43 @@ fn relay_traffic(flags: &[&str], clients: u32, messages: u32, lengths: &[u32]) {
 fn relay_through(
     server: &common::TestServer,
     port: u16,
-    (user, password): (&str, &str),
+    credentials: (&str, &str),
     flags: &[&str],
     clients: u32,
     messages: u32,
     lengths: &[u32],
 ) {
-    let peer = Peer::start();
+    relay_to(
+        server,
+        port,
+        credentials,
+        flags,
+        clients,
+        messages,
+        lengths,
+        "127.0.0.1",
+    );
+}
+
+/// The same traffic to an echo peer on `peer_ip` (127.0.0.1 or ::1).
+#[allow(clippy::too_many_arguments)]
+fn relay_to(
+    server: &common::TestServer,
+    port: u16,
+    (user, password): (&str, &str),
+    flags: &[&str],
+    clients: u32,
+    messages: u32,
+    lengths: &[u32],
+    peer_ip: &str,
+) {
+    let mut peer = Peer::start();
+    let peer_addr: IpAddr = peer_ip.parse().unwrap();
+    let peer_port = peer.port;
+    assert!(
+        peer.echoes(peer_addr, peer_port) && peer.echoes(peer_addr, peer_port + 1),
+        "{PEER} does not echo on {peer_ip}"
+    );
 
     let results: Vec<(u32, String, RunOutput)> = std::thread::scope(|s| {
         let handles: Vec<_> = lengths
@@ -377,7 +409,7 @@ fn relay_through(
             .map(|&length| {
                 let (mut cmd, line) = uclient(
                     port,
-                    peer.port,
+                    (peer_ip, peer.port),
                     (user, password),
                     flags,
                     clients,
@@ -435,6 +467,46 @@ fn relay_through(
 #[test]
 fn uclient_udp_channel_data() {
     relay_traffic(&[], 10, 100, &[120, 1200]);
+}
+
+/// Dual allocation (RFC 8656 ADDITIONAL-ADDRESS-FAMILY): `uclient -Z` asks for an IPv4 and an
+/// IPv6 relayed address in one Allocate, refreshes naming either family at random, and relays
+/// to an IPv4 and then an IPv6 peer, over ChannelData and over Send/Data.
+#[test]
+fn uclient_dual_allocation_relays_to_both_families() {
+    if !tools_available() {
+        return;
+    }
+    let server = common::start_with(&format!(
+        "relay-ips = [\"127.0.0.1\", \"::1\"]\nallow-loopback-peers = true\n[users]\n{} = \"{}\"\n",
+        common::USER,
+        common::PASSWORD
+    ));
+    let credentials = (common::USER, common::PASSWORD);
+    for peer in ["127.0.0.1", "::1"] {
+        for flags in [&["-Z"][..], &["-Z", "-s"][..]] {
+            relay_to(
+                &server,
+                server.port,
+                credentials,
+                flags,
+                4,
+                50,
+                &[120],
+                peer,
+            );
+        }
+    }
+    let log = server.log();
+    let dual = log.matches("allocation created (dual)").count();
+    // Each uclient session allocates twice (a probe, then its own).
+    assert!(dual >= 16, "{dual} dual allocations; log:\n{log}");
+    assert_eq!(
+        log.matches("allocation created").count(),
+        dual,
+        "every allocation is dual; log:\n{log}"
+    );
+    assert!(log.contains("relay2=[::1]:"), "{log}");
 }
 
 #[test]
@@ -555,7 +627,7 @@ fn uclient_rtp_rtcp_pairs_with_busy_odd_ports() {
     let (clients, messages, length) = (10, 20, 120);
     let (mut cmd, line) = uclient(
         server.port,
-        peer.port,
+        ("127.0.0.1", peer.port),
         (common::USER, common::PASSWORD),
         &[],
         clients,
@@ -592,7 +664,7 @@ fn uclient_wrong_password_is_refused() {
     for flags in [&[][..], &["-t"][..]] {
         let (mut cmd, line) = uclient(
             server.port,
-            peer.port,
+            ("127.0.0.1", peer.port),
             (common::USER, "wrong"),
             flags,
             2,

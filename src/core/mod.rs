@@ -397,8 +397,13 @@ struct Channel {
 #[derive(Debug)]
 struct Allocation {
     client: ClientId,
+    /// The relayed transport address (the family asked for, IPv4 by default) and the address
+    /// it is advertised as.
     relay: SocketAddr,
     advertised: SocketAddr,
+    /// A dual allocation's second relayed address, of the other family, on the same port
+    /// (RFC 8656 ADDITIONAL-ADDRESS-FAMILY), and its advertised address.
+    second: Option<(SocketAddr, SocketAddr)>,
     username: Box<str>,
     expires: Instant,
     created_by: TransactionId,
@@ -444,6 +449,17 @@ impl Budget {
 }
 
 impl Allocation {
+    /// The relayed address that reaches `peer`: the one of its family.
+    #[inline]
+    fn relay_for(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        if peer.is_ipv4() == self.relay.is_ipv4() {
+            return Some(self.relay);
+        }
+        self.second
+            .map(|(r, _)| r)
+            .filter(|r| r.is_ipv4() == peer.is_ipv4())
+    }
+
     fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
         self.perms.iter().any(|p| p.ip == ip && p.until > now)
     }
@@ -494,6 +510,8 @@ type Refused = (ErrorCode, &'static str);
 enum Success {
     Allocate {
         relayed: SocketAddr,
+        /// A dual allocation's second relayed address.
+        second: Option<SocketAddr>,
         lifetime: u32,
         mapped: SocketAddr,
         token: Option<[u8; 8]>,
@@ -503,6 +521,10 @@ enum Success {
     Lifetime(u32),
     Empty,
 }
+
+/// The relayed address picked for a new allocation, the second one of a dual allocation, and
+/// the token of a port reserved beside the first.
+type Picked = (SocketAddr, Option<SocketAddr>, Option<[u8; 8]>);
 
 /// The TURN server state machine. See the module documentation.
 pub struct Server {
@@ -514,6 +536,11 @@ pub struct Server {
     unix_epoch: u64,
     /// Turns of the alternate-server rotation.
     alternate_turn: usize,
+    /// Turns of the rotation among relay addresses of one family.
+    relay_turn: usize,
+    /// (relay address, advertised address) for each relay address `external-ip` maps to
+    /// another: how the server recognises its own relayed addresses among peers.
+    nat: Vec<(IpAddr, IpAddr)>,
     prf: Prf,
     allocs: Vec<Option<Allocation>>,
     /// Generation of each slot, bumped when the slot is freed, so that stale timer entries
@@ -552,11 +579,19 @@ impl Server {
             denied: cfg.denied_peers.clone(),
         };
         let span = cfg.max_port as usize - cfg.min_port as usize + 1;
+        let nat = cfg
+            .relay_ips
+            .iter()
+            .map(|ip| (*ip, advertise(&cfg.external_ips, *ip)))
+            .filter(|(ip, public)| ip != public)
+            .collect();
         Server {
             nonces: NonceMint::new(derive_key(&secret, b"nonce"), cfg.stale_nonce),
             policy,
             epoch: now,
             alternate_turn: 0,
+            relay_turn: 0,
+            nat,
             unix_epoch: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -666,16 +701,50 @@ impl Server {
     }
 
     fn advertise(&self, relay: IpAddr) -> IpAddr {
-        self.cfg
-            .external_ips
-            .iter()
-            .find(|(_, private)| *private == Some(relay))
-            .or_else(|| {
-                self.cfg.external_ips.iter().find(|(public, private)| {
-                    private.is_none() && public.is_ipv4() == relay.is_ipv4()
-                })
-            })
-            .map_or(relay, |(public, _)| *public)
+        advertise(&self.cfg.external_ips, relay)
+    }
+
+    /// A peer address as clients know it. A datagram from one of the server's own relay
+    /// addresses (one allocation relaying to another) shows the address that relay is
+    /// advertised as, which is the address the client was given and permitted.
+    #[inline]
+    fn outward(&self, peer: SocketAddr) -> SocketAddr {
+        if self.nat.is_empty() {
+            return peer;
+        }
+        match self.nat.iter().find(|(ip, _)| *ip == peer.ip()) {
+            Some((_, public)) => SocketAddr::new(*public, peer.port()),
+            None => peer,
+        }
+    }
+
+    /// Where to send a datagram for `peer`. One of the server's own advertised addresses is
+    /// reached at the relay address behind it, on this host: a 1:1 NAT often does not turn a
+    /// packet to its own public address back in (no hairpinning), and the round trip through
+    /// it would be wasted anyway.
+    #[inline]
+    fn inward(&self, peer: SocketAddr) -> SocketAddr {
+        if self.nat.is_empty() {
+            return peer;
+        }
+        match self.nat.iter().find(|(_, public)| *public == peer.ip()) {
+            Some((ip, _)) => SocketAddr::new(*ip, peer.port()),
+            None => peer,
+        }
+    }
+
+    /// The client's reflexive address for XOR-MAPPED-ADDRESS: its source address, except that
+    /// a client on one of the server's own addresses (a program on the same host) is shown
+    /// the address `external-ip` maps it to, which is how the rest of the network reaches it
+    /// through a 1:1 NAT.
+    fn mapped(&self, client: &ClientId) -> SocketAddr {
+        let ip = client.remote.ip();
+        if self.cfg.external_ips.is_empty()
+            || !(ip == client.local.ip() || self.cfg.relay_ips.contains(&ip))
+        {
+            return client.remote;
+        }
+        SocketAddr::new(self.advertise(ip), client.remote.port())
     }
 
     // ---------------------------------------------------------------- client input
@@ -731,7 +800,8 @@ impl Server {
         if !a.permitted(ch.peer.ip(), now) {
             return self.dropped(Drop::NoPermission);
         }
-        let (relay, peer) = (a.relay, ch.peer);
+        let relay = a.relay_for(ch.peer).unwrap_or(a.relay);
+        let peer = self.inward(ch.peer);
         let len = cd.payload.len();
         if !self.within_budget(slot, 0, len, now) {
             return self.dropped(Drop::Bandwidth);
@@ -813,9 +883,10 @@ impl Server {
             return self.unknown_attributes(client, msg, out, None, &unknown[..n]);
         }
         self.stats.response(Method::BINDING, None);
+        let mapped = self.mapped(&client);
         self.respond(out, msg, None, None, |w| {
-            w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, client.remote)
-                .add_address(AttrType::MAPPED_ADDRESS, client.remote);
+            w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, mapped)
+                .add_address(AttrType::MAPPED_ADDRESS, mapped);
         })
     }
 
@@ -1124,13 +1195,17 @@ impl Server {
                 self.respond(out, msg, None, auth.as_ref(), |w| match success {
                     Success::Allocate {
                         relayed,
+                        second,
                         lifetime,
                         mapped,
                         token,
                         address_error,
                     } => {
-                        w.add_xor_address(AttrType::XOR_RELAYED_ADDRESS, relayed)
-                            .add_u32(AttrType::LIFETIME, lifetime);
+                        w.add_xor_address(AttrType::XOR_RELAYED_ADDRESS, relayed);
+                        if let Some(second) = second {
+                            w.add_xor_address(AttrType::XOR_RELAYED_ADDRESS, second);
+                        }
+                        w.add_u32(AttrType::LIFETIME, lifetime);
                         if let Some(t) = token {
                             w.add(AttrType::RESERVATION_TOKEN, &t);
                         }
@@ -1198,13 +1273,14 @@ impl Server {
             // A retransmission of the request that created the allocation gets the same answer.
             if a.created_by == *msg.transaction_id() {
                 let lifetime = a.expires.saturating_duration_since(now).as_secs() as u32;
-                let address_error = msg
-                    .has(AttrType::ADDITIONAL_ADDRESS_FAMILY)
-                    .then_some((FAMILY_IPV6, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED));
+                let address_error = (a.second.is_none()
+                    && msg.additional_address_family().is_ok_and(|f| f.is_some()))
+                .then_some((FAMILY_IPV6, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED));
                 return Ok(Success::Allocate {
                     relayed: a.advertised,
+                    second: a.second.map(|(_, advertised)| advertised),
                     lifetime,
-                    mapped: client.remote,
+                    mapped: self.mapped(&client),
                     token: a.reservation,
                     address_error,
                 });
@@ -1241,8 +1317,8 @@ impl Server {
         }
         // RFC 8656 7.2 steps 5, 6, 8, 9: ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 relay
         // besides the IPv4 one, and combines with nothing that picks a single address.
-        let address_error = match additional {
-            None => None,
+        let dual = match additional {
+            None => false,
             Some(_) if token.is_some() || family.is_some() || even == Some(true) => {
                 return Err((
                     ErrorCode::BAD_REQUEST,
@@ -1250,11 +1326,7 @@ impl Server {
                      REQUESTED-ADDRESS-FAMILY or EVEN-PORT",
                 ));
             }
-            Some(FAMILY_IPV6) => {
-                // Dual allocation is not offered: the IPv4 relay is allocated and the IPv6
-                // one refused in ADDRESS-ERROR-CODE (RFC 8656 7.2 step 9).
-                Some((FAMILY_IPV6, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED))
-            }
+            Some(FAMILY_IPV6) => true,
             Some(_) => {
                 return Err((
                     ErrorCode::BAD_REQUEST,
@@ -1290,7 +1362,16 @@ impl Server {
             };
             return Err((ErrorCode::ALLOCATION_QUOTA_REACHED, reason));
         }
-        let (relay, reservation) = match self.pick_relay(now, token, want_v4, even, relays) {
+        // A dual allocation without an IPv6 relay address gets its IPv4 one, and the IPv6 one
+        // is refused in ADDRESS-ERROR-CODE (RFC 8656 7.2 step 9).
+        let v6_ip = if dual { self.relay_ip(false) } else { None };
+        let address_error = (dual && v6_ip.is_none())
+            .then_some((FAMILY_IPV6, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED));
+        let picked = match v6_ip {
+            Some(v6) => self.bind_dual(v6, relays),
+            None => self.pick_relay(now, token, want_v4, even, relays),
+        };
+        let (relay, second, reservation) = match picked {
             Ok(r) => r,
             Err(refused) => {
                 self.shared.quotas.give_back(username, client.remote.ip());
@@ -1300,10 +1381,12 @@ impl Server {
 
         let lifetime = self.granted_lifetime(requested_lifetime);
         let advertised = SocketAddr::new(self.advertise(relay.ip()), relay.port());
+        let second = second.map(|r| (r, SocketAddr::new(self.advertise(r.ip()), r.port())));
         let a = Allocation {
             client,
             relay,
             advertised,
+            second,
             username: username.into(),
             expires: now + Duration::from_secs(lifetime as u64),
             created_by: *msg.transaction_id(),
@@ -1316,11 +1399,19 @@ impl Server {
         let slot = self.insert(a);
         self.schedule(slot, now);
         self.stats.allocations_created += 1;
-        info!(%client, user = username, relay = %relay, advertised = %advertised, lifetime, "allocation created");
+        match second {
+            None => {
+                info!(%client, user = username, relay = %relay, advertised = %advertised, lifetime, "allocation created");
+            }
+            Some((relay2, advertised2)) => {
+                info!(%client, user = username, relay = %relay, advertised = %advertised, relay2 = %relay2, advertised2 = %advertised2, lifetime, "allocation created (dual)");
+            }
+        }
         Ok(Success::Allocate {
             relayed: advertised,
+            second: second.map(|(_, a)| a),
             lifetime,
-            mapped: client.remote,
+            mapped: self.mapped(&client),
             token: reservation,
             address_error,
         })
@@ -1335,7 +1426,7 @@ impl Server {
         want_v4: bool,
         even: Option<bool>,
         relays: &mut impl RelaySockets,
-    ) -> Result<(SocketAddr, Option<[u8; 8]>), Refused> {
+    ) -> Result<Picked, Refused> {
         if let Some(t) = token {
             let unknown = (
                 ErrorCode::INSUFFICIENT_CAPACITY,
@@ -1355,21 +1446,59 @@ impl Server {
                 self.shared.ports().release(r.port);
                 return Err(unknown);
             }
-            return Ok((addr, None));
+            return Ok((addr, None, None));
         }
-        let Some(ip) = self
-            .cfg
-            .relay_ips
-            .iter()
-            .copied()
-            .find(|ip| ip.is_ipv4() == want_v4)
-        else {
+        let Some(ip) = self.relay_ip(want_v4) else {
             return Err((
                 ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
                 "no relay address of the requested family",
             ));
         };
-        self.bind_relay(now, ip, even, relays)
+        let (addr, token) = self.bind_relay(now, ip, even, relays)?;
+        Ok((addr, None, token))
+    }
+
+    /// The relay address of a family for the next allocation: the configured ones of that
+    /// family in turn.
+    fn relay_ip(&mut self, v4: bool) -> Option<IpAddr> {
+        let ips = &self.cfg.relay_ips;
+        let n = ips.iter().filter(|ip| ip.is_ipv4() == v4).count();
+        if n == 0 {
+            return None;
+        }
+        self.relay_turn = self.relay_turn.wrapping_add(1);
+        ips.iter()
+            .copied()
+            .filter(|ip| ip.is_ipv4() == v4)
+            .nth(self.relay_turn % n)
+    }
+
+    /// The two relay addresses of a dual allocation: an IPv4 and the IPv6 address `v6`, on
+    /// one port (so that the port alone still finds the allocation).
+    fn bind_dual(&mut self, v6: IpAddr, relays: &mut impl RelaySockets) -> Result<Picked, Refused> {
+        let Some(v4) = self.relay_ip(true) else {
+            return Err((
+                ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
+                "no IPv4 relay address",
+            ));
+        };
+        let full = (
+            ErrorCode::INSUFFICIENT_CAPACITY,
+            "relay port range exhausted",
+        );
+        for _ in 0..BIND_ATTEMPTS {
+            let port = self.shared.ports().take().ok_or(full)?;
+            let (a, b) = (SocketAddr::new(v4, port), SocketAddr::new(v6, port));
+            if relays.open(a) {
+                if relays.open(b) {
+                    return Ok((a, Some(b), None));
+                }
+                relays.close(a);
+            }
+            // Taken by another program: back to the end of the queue.
+            self.shared.ports().release(port);
+        }
+        Err(full)
     }
 
     /// Takes a port (even, or an even pair, when asked), binds it, and records a reservation
@@ -1461,6 +1590,9 @@ impl Server {
         self.by_port[(a.relay.port() - self.cfg.min_port) as usize] = NO_SLOT;
         self.shared.ports().release(a.relay.port());
         relays.close(a.relay);
+        if let Some((second, _)) = a.second {
+            relays.close(second);
+        }
         self.shared
             .quotas
             .give_back(&a.username, a.client.remote.ip());
@@ -1512,13 +1644,36 @@ impl Server {
         let Some(a) = self.allocs[slot as usize].as_mut() else {
             return Err((ErrorCode::ALLOCATION_MISMATCH, "no allocation"));
         };
-        if let Some(f) = family
-            && (f == FAMILY_IPV4) != a.relay.is_ipv4()
-        {
-            return Err((
-                ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
-                "REQUESTED-ADDRESS-FAMILY differs from the allocation's",
-            ));
+        if let Some(f) = family {
+            let v4 = f == FAMILY_IPV4;
+            let relays_of_family = [Some(a.relay), a.second.map(|(r, _)| r)]
+                .into_iter()
+                .flatten()
+                .filter(|r| r.is_ipv4() == v4)
+                .count();
+            if relays_of_family == 0 || !matches!(f, FAMILY_IPV4 | FAMILY_IPV6) {
+                return Err((
+                    ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
+                    "REQUESTED-ADDRESS-FAMILY differs from the allocation's",
+                ));
+            }
+            // RFC 8656 7.3: a dual allocation loses only the relayed address of the family
+            // named, with its permissions and channels; the other one lives on.
+            if requested == Some(0)
+                && let Some((second, advertised)) = a.second.take()
+            {
+                let gone = if a.relay.is_ipv4() == v4 {
+                    a.advertised = advertised;
+                    std::mem::replace(&mut a.relay, second)
+                } else {
+                    second
+                };
+                a.perms.retain(|p| p.ip.is_ipv4() != v4);
+                a.channels.retain(|c| c.peer.is_ipv4() != v4);
+                relays.close(gone);
+                info!(client = %a.client, user = &*a.username, relay = %gone, "relayed address of a dual allocation deleted");
+                return Ok(Success::Lifetime(0));
+            }
         }
         if requested == Some(0) {
             self.remove(slot, EndReason::Refreshed0, relays);
@@ -1534,8 +1689,11 @@ impl Server {
     }
 
     /// Checks a peer address for an allocation: family and policy.
-    fn check_peer(&mut self, relay: SocketAddr, peer: SocketAddr) -> Result<(), Refused> {
-        if peer.is_ipv4() != relay.is_ipv4() {
+    fn check_peer(&mut self, slot: u32, peer: SocketAddr) -> Result<(), Refused> {
+        let a = self
+            .alloc(slot)
+            .ok_or((ErrorCode::ALLOCATION_MISMATCH, "no allocation"))?;
+        if a.relay_for(peer).is_none() {
             return Err((
                 ErrorCode::PEER_ADDRESS_FAMILY_MISMATCH,
                 "peer address family differs from the relay's",
@@ -1585,15 +1743,11 @@ impl Server {
         slot: u32,
         msg: &MessageRef,
     ) -> Result<Success, Refused> {
-        let relay = self
-            .alloc(slot)
-            .map(|a| a.relay)
-            .ok_or((ErrorCode::ALLOCATION_MISMATCH, "no allocation"))?;
         let mut any = false;
         // All or nothing: check every address before installing any (RFC 8656 9.2).
         for peer in msg.xor_peer_addresses() {
             let peer = peer.map_err(|_| (ErrorCode::BAD_REQUEST, "malformed XOR-PEER-ADDRESS"))?;
-            self.check_peer(relay, peer)?;
+            self.check_peer(slot, peer)?;
             any = true;
         }
         if !any {
@@ -1642,11 +1796,7 @@ impl Server {
             .xor_peer_address()
             .map_err(|_| bad)?
             .ok_or((ErrorCode::BAD_REQUEST, "no XOR-PEER-ADDRESS"))?;
-        let relay = self
-            .alloc(slot)
-            .map(|a| a.relay)
-            .ok_or((ErrorCode::ALLOCATION_MISMATCH, "no allocation"))?;
-        self.check_peer(relay, peer)?;
+        self.check_peer(slot, peer)?;
         if !self.own_port_ok(peer) {
             self.stats.drop(Drop::Forbidden);
             return Err((
@@ -1723,13 +1873,12 @@ impl Server {
         let Some(a) = self.alloc(slot) else {
             return self.dropped(Drop::NoAllocation);
         };
-        if a.expires <= now || peer.is_ipv4() != a.relay.is_ipv4() {
+        let Some(relay) = a.relay_for(peer).filter(|_| a.expires > now) else {
             return self.dropped(Drop::BadIndication);
-        }
+        };
         if !a.permitted(peer.ip(), now) {
             return self.dropped(Drop::NoPermission);
         }
-        let relay = a.relay;
         if !self.own_port_ok(peer) {
             return self.dropped(Drop::Forbidden);
         }
@@ -1739,7 +1888,7 @@ impl Server {
         self.stats.relayed_to_peer(client.transport, payload.len());
         ClientAction::Forward {
             relay,
-            peer,
+            peer: self.inward(peer),
             payload,
         }
     }
@@ -1763,6 +1912,7 @@ impl Server {
             Some(i) => self.by_port.get(i as usize).copied().unwrap_or(NO_SLOT),
             None => NO_SLOT,
         };
+        let peer = self.outward(peer);
         let Some(a) = self.allocs.get(slot as usize).and_then(Option::as_ref) else {
             self.stats.drop(Drop::NoAllocation);
             return PeerAction::None;
@@ -1971,6 +2121,20 @@ fn install_permission(a: &mut Allocation, ip: IpAddr, until: Instant, stats: &mu
 }
 
 /// A key for one purpose, derived from the server secret.
+/// The address a relay address is advertised as: the `external-ip` entry naming it as its
+/// private address, else an entry without one of its family, else itself.
+fn advertise(external_ips: &[(IpAddr, Option<IpAddr>)], relay: IpAddr) -> IpAddr {
+    external_ips
+        .iter()
+        .find(|(_, private)| *private == Some(relay))
+        .or_else(|| {
+            external_ips
+                .iter()
+                .find(|(public, private)| private.is_none() && public.is_ipv4() == relay.is_ipv4())
+        })
+        .map_or(relay, |(public, _)| *public)
+}
+
 fn derive_key(secret: &[u8; 32], purpose: &[u8]) -> [u8; 32] {
     use hmac::{Hmac, Mac};
     let mut mac =

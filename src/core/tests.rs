@@ -1419,3 +1419,235 @@ fn reconfigure_keeps_allocations_and_applies_users_policy_and_limits() {
     assert_eq!(h.refresh(client(1), Some(600)).class(), Class::Success);
     h.s.check_invariants().unwrap();
 }
+
+fn relay_ip6() -> IpAddr {
+    "2001:db8::10".parse().unwrap()
+}
+
+/// The XOR-RELAYED-ADDRESS attributes of a response, in order.
+fn relayed_addresses(r: &Resp) -> Vec<SocketAddr> {
+    let m = r.msg();
+    m.attributes()
+        .filter(|(t, _)| *t == AttrType::XOR_RELAYED_ADDRESS)
+        .map(|(_, v)| crate::wire::decode_xor_address(v, m.transaction_id()).unwrap())
+        .collect()
+}
+
+fn dual_allocate(h: &mut H, c: ClientId) -> Resp {
+    h.auth(c, Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add_u32(
+                AttrType::ADDITIONAL_ADDRESS_FAMILY,
+                (FAMILY_IPV6 as u32) << 24,
+            );
+    })
+}
+
+#[test]
+fn dual_allocation_relays_both_families_on_one_port() {
+    let mut c = cfg();
+    c.relay_ips = vec![relay_ip(), relay_ip6()];
+    let mut h = H::with(c);
+    let r = dual_allocate(&mut h, client(1));
+    assert_eq!(r.class(), Class::Success);
+    assert!(r.msg().get(AttrType::ADDRESS_ERROR_CODE).is_none());
+    let relayed = relayed_addresses(&r);
+    assert_eq!(relayed.len(), 2, "{relayed:?}");
+    let (r4, r6) = (relayed[0], relayed[1]);
+    assert_eq!((r4.ip(), r6.ip()), (relay_ip(), relay_ip6()));
+    assert_eq!(r4.port(), r6.port());
+    assert!(h.relays.open.contains(&r4) && h.relays.open.contains(&r6));
+    assert_eq!(h.s.ports_in_use(), 1);
+    // A retransmission gets the same two addresses.
+    let t = TransactionId([h.txn; 12]);
+    let again = h.build(Method::ALLOCATE, t, Some((USER, PASS)), |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add_u32(
+                AttrType::ADDITIONAL_ADDRESS_FAMILY,
+                (FAMILY_IPV6 as u32) << 24,
+            );
+    });
+    assert_eq!(relayed_addresses(&h.request(client(1), &again)), relayed);
+
+    // Peers of either family, each through the relay of its family.
+    let p4 = public_peer(9);
+    let p6: SocketAddr = "[2606:4700::1111]:9".parse().unwrap();
+    assert_eq!(h.permit(client(1), p4).class(), Class::Success);
+    assert_eq!(h.permit(client(1), p6).class(), Class::Success);
+    match h.send_indication(client(1), p6, b"six") {
+        ClientAction::Forward { relay, peer, .. } => assert_eq!((relay, peer), (r6, p6)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.bind(client(1), 0x4000, p4).class(), Class::Success);
+    match h.channel_data(client(1), 0x4000, b"four") {
+        ClientAction::Forward { relay, peer, .. } => assert_eq!((relay, peer), (r4, p4)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.peer_sends(r6, p6, b"back").unwrap().0, client(1));
+    assert_eq!(h.peer_sends(r4, p4, b"back").unwrap().0, client(1));
+
+    // Deleting the IPv6 half keeps the IPv4 one, its permission and its channel.
+    let gone = h.auth(client(1), Method::REFRESH, |w| {
+        w.add_u32(AttrType::LIFETIME, 0).add_u32(
+            AttrType::REQUESTED_ADDRESS_FAMILY,
+            (FAMILY_IPV6 as u32) << 24,
+        );
+    });
+    assert_eq!(gone.class(), Class::Success);
+    assert_eq!(h.relays.closed, vec![r6]);
+    assert!(h.s.has_allocation(&client(1)));
+    assert_eq!(h.s.allocation_info(&client(1)), Some((r4, 1, 1)));
+    assert_eq!(h.send_indication(client(1), p6, b"x"), ClientAction::None);
+    assert!(h.peer_sends(r4, p4, b"still").is_some());
+    // The IPv6 family is gone: naming it again is 443.
+    let again = h.auth(client(1), Method::REFRESH, |w| {
+        w.add_u32(
+            AttrType::REQUESTED_ADDRESS_FAMILY,
+            (FAMILY_IPV6 as u32) << 24,
+        );
+    });
+    assert_eq!(again.code(), Some(443));
+    assert_eq!(h.refresh(client(1), Some(0)).class(), Class::Success);
+    assert_eq!(h.relays.closed, vec![r6, r4]);
+    assert_eq!(h.s.ports_in_use(), 0);
+}
+
+#[test]
+fn dual_allocation_can_drop_its_ipv4_half() {
+    let mut c = cfg();
+    c.relay_ips = vec![relay_ip6(), relay_ip()];
+    let mut h = H::with(c);
+    let relayed = relayed_addresses(&dual_allocate(&mut h, client(1)));
+    assert!(relayed[0].is_ipv4() && relayed[1].is_ipv6(), "{relayed:?}");
+    let r = h.auth(client(1), Method::REFRESH, |w| {
+        w.add_u32(AttrType::LIFETIME, 0).add_u32(
+            AttrType::REQUESTED_ADDRESS_FAMILY,
+            (FAMILY_IPV4 as u32) << 24,
+        );
+    });
+    assert_eq!(r.class(), Class::Success);
+    assert_eq!(h.relays.closed, vec![relayed[0]]);
+    assert_eq!(h.s.allocation_info(&client(1)).unwrap().0, relayed[1]);
+    // Expiry closes what is left, once.
+    h.advance(3600);
+    assert_eq!(h.relays.closed, relayed);
+    assert_eq!(h.s.ports_in_use(), 0);
+}
+
+#[test]
+fn dual_allocation_retries_a_port_taken_on_one_family() {
+    struct V6Taken(FakeRelays, u16);
+    impl RelaySockets for V6Taken {
+        fn open(&mut self, addr: SocketAddr) -> bool {
+            (addr.is_ipv4() || addr.port() != self.1) && self.0.open(addr)
+        }
+        fn close(&mut self, addr: SocketAddr) {
+            self.0.close(addr)
+        }
+    }
+    let mut c = cfg();
+    c.relay_ips = vec![relay_ip(), relay_ip6()];
+    c.min_port = 50000;
+    c.max_port = 50001;
+    // Port 50000 is free on IPv4 but taken on IPv6: the allocation gets 50001 on both.
+    let mut h = H::with(c);
+    let mut fake = V6Taken(FakeRelays::default(), 50000);
+    let mut out = [0u8; 2048];
+    h.probe(client(1));
+    let t = h.txid();
+    let req = h.build(Method::ALLOCATE, t, Some((USER, PASS)), |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add_u32(
+                AttrType::ADDITIONAL_ADDRESS_FAMILY,
+                (FAMILY_IPV6 as u32) << 24,
+            );
+    });
+    let ClientAction::Reply(n) =
+        h.s.handle_client(h.now, client(1), &req, &mut out, &mut fake)
+    else {
+        panic!("no reply");
+    };
+    let r = Resp(out[..n].to_vec());
+    assert_eq!(r.class(), Class::Success);
+    let relayed = relayed_addresses(&r);
+    assert_eq!(
+        relayed.iter().map(|a| a.port()).collect::<Vec<_>>(),
+        [50001, 50001]
+    );
+    // The IPv4 socket of the refused port was closed again.
+    assert!(
+        fake.0
+            .closed
+            .iter()
+            .all(|a| a.port() == 50000 && a.is_ipv4())
+    );
+    assert_eq!(h.s.ports_in_use(), 1);
+    h.s.check_invariants().unwrap();
+}
+
+#[test]
+fn nat_mapped_relays_reach_each_other_inside_and_show_public_addresses() {
+    let private: IpAddr = "10.0.0.5".parse().unwrap();
+    let public: IpAddr = "8.8.8.8".parse().unwrap();
+    let mut c = cfg();
+    c.relay_ips = vec![private];
+    c.external_ips = vec![(public, Some(private))];
+    let mut h = H::with(c);
+    let a = h.allocate_ok(client(1));
+    let b = h.allocate_ok(client(2));
+    assert_eq!((a.ip(), b.ip()), (public, public));
+    // Each client permits the other's advertised (public) relayed address.
+    assert_eq!(h.permit(client(1), b).class(), Class::Success);
+    assert_eq!(h.bind(client(2), 0x4000, a).class(), Class::Success);
+    // Sent to the public address, delivered to the relay socket behind it.
+    let to_b = SocketAddr::new(private, b.port());
+    match h.send_indication(client(1), b, b"hello") {
+        ClientAction::Forward { relay, peer, .. } => {
+            assert_eq!((relay, peer), (SocketAddr::new(private, a.port()), to_b));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Arriving from A's private relay address, shown to B's client as A's public one: the
+    // channel bound to that address carries it.
+    let from_a = SocketAddr::new(private, a.port());
+    let (to, bytes) = h.peer_sends(to_b, from_a, b"hello").unwrap();
+    assert_eq!(to, client(2));
+    assert_eq!(&bytes[..2], &0x4000u16.to_be_bytes());
+    match h.channel_data(client(2), 0x4000, b"reply") {
+        ClientAction::Forward { peer, .. } => assert_eq!(peer, from_a),
+        other => panic!("{other:?}"),
+    }
+    // B's reply reaches A's client as a Data indication from B's public address.
+    let (to, bytes) = h.peer_sends(from_a, to_b, b"reply").unwrap();
+    assert_eq!(to, client(1));
+    let m = MessageRef::parse(&bytes).unwrap();
+    assert_eq!(m.xor_peer_address().unwrap(), Some(b));
+}
+
+#[test]
+fn xor_mapped_address_of_a_client_on_the_servers_own_address_is_mapped() {
+    let private: IpAddr = "10.0.0.5".parse().unwrap();
+    let public: IpAddr = "8.8.8.8".parse().unwrap();
+    let mut c = cfg();
+    c.relay_ips = vec![private];
+    c.external_ips = vec![(public, Some(private))];
+    let mut h = H::with(c);
+    let binding = |h: &mut H, remote: SocketAddr| {
+        let t = h.txid();
+        let req = h.build(Method::BINDING, t, None, |_| {});
+        let c = ClientId {
+            transport: Transport::Udp,
+            remote,
+            local: SocketAddr::new(private, 3478),
+        };
+        let r = h.request(c, &req);
+        r.msg()
+            .xor_address(AttrType::XOR_MAPPED_ADDRESS)
+            .unwrap()
+            .unwrap()
+    };
+    let local = SocketAddr::new(private, 40000);
+    assert_eq!(binding(&mut h, local), SocketAddr::new(public, 40000));
+    let other = SocketAddr::from(([198, 51, 100, 7], 40000));
+    assert_eq!(binding(&mut h, other), other);
+}

@@ -19,7 +19,7 @@ pub mod tls;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
@@ -180,9 +180,13 @@ fn is_request(msg: &[u8]) -> bool {
     msg.len() >= 2 && msg[0] & 0xC0 == 0 && !(msg[0] == 0x00 && msg[1] == 0x16)
 }
 
-/// The relay sockets of a driver, indexed by port, each with the task receiving on it.
+/// The relay sockets of a driver, indexed by family and port, each with the task receiving on
+/// it. (A dual allocation holds one port on both families.)
 pub struct RelayTable {
     min_port: u16,
+    span: usize,
+    /// Where each family's ports start in `sockets`, if the relay addresses have that family.
+    bases: [Option<usize>; 2],
     sockets: Vec<Option<(Rc<UdpSocket>, AbortHandle)>>,
     driver: Weak<Driver>,
     parked: Parked,
@@ -202,7 +206,8 @@ impl RelayTable {
 impl RelayTable {
     fn index(&self, addr: SocketAddr) -> Option<usize> {
         let i = usize::from(addr.port().checked_sub(self.min_port)?);
-        (i < self.sockets.len()).then_some(i)
+        let base = self.bases[usize::from(addr.is_ipv6())]?;
+        (i < self.span).then_some(base + i)
     }
 
     /// Starts receiving on `sock`, the relay socket for `addr`.
@@ -908,12 +913,21 @@ pub async fn serve(
         dtls.push((counters.len() - 1, local));
     }
     let span = (cfg.max_port - cfg.min_port) as usize + 1;
+    let has_v4 = cfg.relay_ips.iter().any(IpAddr::is_ipv4);
+    let has_v6 = cfg.relay_ips.iter().any(IpAddr::is_ipv6);
+    let bases = [
+        has_v4.then_some(0),
+        has_v6.then_some(if has_v4 { span } else { 0 }),
+    ];
+    let families = usize::from(has_v4) + usize::from(has_v6);
     let gso = probe_gso();
     let driver = Rc::new_cyclic(|me| Driver {
         server: RefCell::new(server),
         relays: RefCell::new(RelayTable {
             min_port: cfg.min_port,
-            sockets: (0..span).map(|_| None).collect(),
+            span,
+            bases,
+            sockets: (0..span * families).map(|_| None).collect(),
             driver: me.clone(),
             parked: shard.parked.clone(),
         }),

@@ -44,6 +44,11 @@ impl AttrType {
     pub const OTHER_ADDRESS: AttrType = AttrType(0x802C);
     pub const ADDITIONAL_ADDRESS_FAMILY: AttrType = AttrType(0x8000);
     pub const ADDRESS_ERROR_CODE: AttrType = AttrType(0x8001);
+    /// The code point ADDITIONAL-ADDRESS-FAMILY had in the drafts of RFC 8656, still sent by
+    /// coturn 4.6's clients (`turnutils_uclient -Z`). IANA has since given it to
+    /// ENF-FLOW-DESCRIPTION, which has no business in an Allocate request, so it is read
+    /// there only, and only when the RFC's code point is absent.
+    pub const ADDITIONAL_ADDRESS_FAMILY_DRAFT: AttrType = AttrType(0x8032);
     pub const ICMP: AttrType = AttrType(0x8004);
 
     /// Comprehension-required attributes are those below 0x8000 (RFC 8489 14).

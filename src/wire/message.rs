@@ -326,11 +326,14 @@ impl<'a> MessageRef<'a> {
             .map(|v| (v >> 24) as u8))
     }
 
-    /// The family byte of ADDITIONAL-ADDRESS-FAMILY (RFC 8656 18.11).
+    /// The family byte of ADDITIONAL-ADDRESS-FAMILY (RFC 8656 18.11), or of its draft code
+    /// point when the RFC's is absent (see [`AttrType::ADDITIONAL_ADDRESS_FAMILY_DRAFT`]).
     pub fn additional_address_family(&self) -> Result<Option<u8>, AttrError> {
-        Ok(self
-            .u32_attr(AttrType::ADDITIONAL_ADDRESS_FAMILY)?
-            .map(|v| (v >> 24) as u8))
+        let v = match self.u32_attr(AttrType::ADDITIONAL_ADDRESS_FAMILY)? {
+            Some(v) => Some(v),
+            None => self.u32_attr(AttrType::ADDITIONAL_ADDRESS_FAMILY_DRAFT)?,
+        };
+        Ok(v.map(|v| (v >> 24) as u8))
     }
 
     /// EVEN-PORT: `Some(reserve_next)` when present (RFC 8656 18.6).

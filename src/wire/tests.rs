@@ -465,3 +465,44 @@ fn long_error_reasons_are_cut_at_a_character_boundary() {
     assert_eq!(code, 400);
     assert_eq!(text, "x".repeat(762));
 }
+
+#[test]
+fn additional_address_family_is_read_at_the_rfc_or_the_draft_code_point() {
+    let allocate = |attrs: &[(AttrType, u32)]| {
+        let mut out = [0u8; 128];
+        let mut w = MessageWriter::new(&mut out, Method::ALLOCATE, Class::Request, &TXID_A);
+        for (t, v) in attrs {
+            w.add_u32(*t, *v);
+        }
+        let n = w.finish().unwrap();
+        out[..n].to_vec()
+    };
+    let family = |buf: &[u8]| {
+        MessageRef::parse(buf)
+            .unwrap()
+            .additional_address_family()
+            .unwrap()
+    };
+    let v6 = u32::from(FAMILY_IPV6) << 24;
+    let v4 = u32::from(FAMILY_IPV4) << 24;
+    assert_eq!(family(&allocate(&[])), None);
+    assert_eq!(
+        family(&allocate(&[(AttrType::ADDITIONAL_ADDRESS_FAMILY, v6)])),
+        Some(FAMILY_IPV6)
+    );
+    assert_eq!(
+        family(&allocate(&[(
+            AttrType::ADDITIONAL_ADDRESS_FAMILY_DRAFT,
+            v6
+        )])),
+        Some(FAMILY_IPV6)
+    );
+    // The RFC's code point wins over the draft's.
+    assert_eq!(
+        family(&allocate(&[
+            (AttrType::ADDITIONAL_ADDRESS_FAMILY_DRAFT, v6),
+            (AttrType::ADDITIONAL_ADDRESS_FAMILY, v4),
+        ])),
+        Some(FAMILY_IPV4)
+    );
+}
