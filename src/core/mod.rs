@@ -1368,7 +1368,7 @@ impl Server {
         let address_error = (dual && v6_ip.is_none())
             .then_some((FAMILY_IPV6, ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED));
         let picked = match v6_ip {
-            Some(v6) => self.bind_dual(v6, relays),
+            Some(v6) => self.bind_dual(v6, even.is_some(), relays),
             None => self.pick_relay(now, token, want_v4, even, relays),
         };
         let (relay, second, reservation) = match picked {
@@ -1474,8 +1474,13 @@ impl Server {
     }
 
     /// The two relay addresses of a dual allocation: an IPv4 and the IPv6 address `v6`, on
-    /// one port (so that the port alone still finds the allocation).
-    fn bind_dual(&mut self, v6: IpAddr, relays: &mut impl RelaySockets) -> Result<Picked, Refused> {
+    /// one port (so that the port alone still finds the allocation), an even one if asked.
+    fn bind_dual(
+        &mut self,
+        v6: IpAddr,
+        even: bool,
+        relays: &mut impl RelaySockets,
+    ) -> Result<Picked, Refused> {
         let Some(v4) = self.relay_ip(true) else {
             return Err((
                 ErrorCode::ADDRESS_FAMILY_NOT_SUPPORTED,
@@ -1487,7 +1492,15 @@ impl Server {
             "relay port range exhausted",
         );
         for _ in 0..BIND_ATTEMPTS {
-            let port = self.shared.ports().take().ok_or(full)?;
+            let port = {
+                let mut ports = self.shared.ports();
+                if even {
+                    ports.take_even(false)
+                } else {
+                    ports.take()
+                }
+            }
+            .ok_or(full)?;
             let (a, b) = (SocketAddr::new(v4, port), SocketAddr::new(v6, port));
             if relays.open(a) {
                 if relays.open(b) {
@@ -2104,6 +2117,11 @@ impl Server {
             }
             if a.timer.is_none() {
                 return Err(format!("allocation {} has no timer", a.relay));
+            }
+            if let Some((second, _)) = a.second
+                && (second.port() != a.relay.port() || second.is_ipv4() == a.relay.is_ipv4())
+            {
+                return Err(format!("dual allocation {} with {second}", a.relay));
             }
         }
         Ok(())

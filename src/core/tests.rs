@@ -1513,6 +1513,25 @@ fn dual_allocation_relays_both_families_on_one_port() {
 }
 
 #[test]
+fn dual_allocation_with_even_port() {
+    let mut c = cfg();
+    c.relay_ips = vec![relay_ip(), relay_ip6()];
+    let mut h = H::with(c);
+    // EVEN-PORT without R combines with a dual allocation: both halves on one even port.
+    let r = h.auth(client(2), Method::ALLOCATE, |w| {
+        w.add_u32(AttrType::REQUESTED_TRANSPORT, (PROTO_UDP as u32) << 24)
+            .add_u32(
+                AttrType::ADDITIONAL_ADDRESS_FAMILY,
+                (FAMILY_IPV6 as u32) << 24,
+            )
+            .add(AttrType::EVEN_PORT, &[0x00]);
+    });
+    let even = relayed_addresses(&r);
+    assert_eq!(even.len(), 2);
+    assert!(even[0].port().is_multiple_of(2) && even[0].port() == even[1].port());
+}
+
+#[test]
 fn dual_allocation_can_drop_its_ipv4_half() {
     let mut c = cfg();
     c.relay_ips = vec![relay_ip6(), relay_ip()];
