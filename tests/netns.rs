@@ -148,6 +148,13 @@ impl NatLab {
                         oifname \"{gw_out}\" ip saddr {SERVER_PRIVATE} snat to {SERVER_PUBLIC}
                         {hairpin_snat}
                     }}
+                }}
+                table ip filter {{
+                    chain input {{
+                        type filter hook input priority filter; policy accept;
+                        iifname \"{gw_in}\" ip daddr {SERVER_PUBLIC} counter \
+                            comment \"from the server to its public address, not turned around\"
+                    }}
                 }}\n"
             ),
         );
@@ -696,7 +703,10 @@ fn relay_to_relay(hairpin: bool) {
                 let (n, from) = timeout(NET, to_side.recv_from(&mut buf))
                     .await
                     .unwrap_or_else(|_| {
-                        panic!("datagram {i} from {from_addr} did not reach {to_addr}")
+                        panic!(
+                            "datagram {i} from {from_addr} did not reach {to_addr}\nlab:\n{}",
+                            net.lab.describe()
+                        )
                     })
                     .unwrap_or_else(|e| panic!("recv {i}: {e}"));
                 if buf[..n] == opener[..] {
