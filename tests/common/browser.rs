@@ -80,7 +80,25 @@ pub struct RunOutput {
 /// it exits or `deadline` passes; then it gets SIGTERM (playwright closes Chromium on it) and,
 /// 5 s later, SIGKILL.
 pub fn run_node(script: &str, env: &str, config: &str, deadline: Duration) -> RunOutput {
-    let mut child = Command::new("node")
+    run_node_in(&[], script, env, config, deadline)
+}
+
+/// Like [`run_node`], with `node` run through the command `prefix` (e.g. `ip netns exec NS`);
+/// an empty prefix runs `node` itself.
+pub fn run_node_in(
+    prefix: &[&str],
+    script: &str,
+    env: &str,
+    config: &str,
+    deadline: Duration,
+) -> RunOutput {
+    let (program, args) = match prefix {
+        [] => ("node", &[][..]),
+        [program, args @ ..] => (*program, args),
+    };
+    let mut child = Command::new(program)
+        .args(args)
+        .args((!prefix.is_empty()).then_some("node"))
         .arg(script)
         .env(env, config)
         .current_dir(browser_dir())

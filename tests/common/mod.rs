@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -338,6 +339,12 @@ impl Client {
             "[::1]:0"
         };
         let sock = UdpSocket::bind(any).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        Client::with(ClientConn::Udp(sock, server))
+    }
+
+    /// A UDP client on `sock` (bound by the caller: in a network namespace, say).
+    pub fn udp_on(sock: UdpSocket, server: SocketAddr) -> Client {
         sock.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         Client::with(ClientConn::Udp(sock, server))
     }
