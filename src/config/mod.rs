@@ -1565,6 +1565,10 @@ impl Config {
             let addr = SocketAddr::new(*ip, self.listening_port);
             let _ = writeln!(out, "  {addr} ({transports})");
         }
+        for ip in self.rfc5780().pairs.iter().flat_map(|&(a, b)| [a, b]) {
+            let addr = SocketAddr::new(ip, self.alt_listening_port);
+            let _ = writeln!(out, "  {addr} (udp, RFC 5780 alternate port)");
+        }
         if let Some(tls) = &self.tls {
             for ip in &self.listening_ips {
                 let addr = SocketAddr::new(*ip, self.tls_listening_port);
@@ -2835,6 +2839,10 @@ bob = "b"
             c.summary().contains(
                 "rfc 5780 nat discovery: 192.0.2.1 and 192.0.2.2, udp ports 3478 and 3479"
             )
+        );
+        assert!(
+            c.summary()
+                .contains("  192.0.2.2:3479 (udp, RFC 5780 alternate port)")
         );
 
         let c = parse(&two("rfc5780 = false")).expect("valid");
