@@ -116,8 +116,8 @@ fn not_carried(key: &str) -> Option<&'static str> {
         "listening-device" | "relay-device" => {
             "binding to a device is not supported; give the addresses in listening-ips / relay-ips"
         }
-        "alt-listening-port" | "alt-tls-listening-port" => {
-            "RFC 5780 alternate ports are not implemented yet"
+        "alt-tls-listening-port" => {
+            "RFC 5780 is served over UDP only (on listening-port and alt-listening-port)"
         }
         "aux-server" | "udp-self-balance" | "tcp-proxy-port" => "not supported",
         "pkey-pwd" => "encrypted private keys are not supported; decrypt the key file",
@@ -174,9 +174,10 @@ fn not_carried(key: &str) -> Option<&'static str> {
         | "max-allocate-timeout"
         | "ne"
         | "rest-api-separator"
-        | "prometheus-username-labels"
-        | "no-rfc5780"
-        | "response-origin-only-with-rfc5780" => "not supported",
+        | "prometheus-username-labels" => "not supported",
+        "response-origin-only-with-rfc5780" => {
+            "always so here: RESPONSE-ORIGIN is sent only where RFC 5780 is served"
+        }
         _ => return None,
     })
 }
@@ -292,6 +293,7 @@ pub fn migrate(text: &str, source: &str) -> String {
                 .push(value.into()),
             "listening-port"
             | "tls-listening-port"
+            | "alt-listening-port"
             | "min-port"
             | "max-port"
             | "user-quota"
@@ -327,6 +329,10 @@ pub fn migrate(text: &str, source: &str) -> String {
                 None => bad("not a flag value"),
             },
             "no-software-attribute" => set("software", quote(""), &mut top),
+            "no-rfc5780" => match flag_true() {
+                Some(v) => set("rfc5780", (v == "false").to_string(), &mut top),
+                None => bad("not a flag value"),
+            },
             "user" => match value.split_once(':') {
                 Some((name, secret)) if !name.is_empty() && !secret.is_empty() => {
                     users.push((name.into(), secret.into(), number));
@@ -552,7 +558,8 @@ total-quota=100
         let toml = migrate(
             "--realm = \"x.org\"\nfoo-bar=1\nuser=broken\nmin-port=abc\nstatic-auth-secret=s1\n\
              static-auth-secret=s2\nprometheus\nlistening-ip 127.0.0.1\n\
-             alternate-server=192.0.2.1:3478\nalternate-server=192.0.2.2\n",
+             alternate-server=192.0.2.1:3478\nalternate-server=192.0.2.2\n\
+             alt-listening-port=3500\nno-rfc5780\nalt-tls-listening-port=5350\n",
             "t",
         );
         assert!(toml.contains("realm = \"x.org\""), "{toml}");
@@ -574,7 +581,15 @@ total-quota=100
             toml.contains("alternate-servers = [\"192.0.2.1:3478\", \"192.0.2.2\"]"),
             "{toml}"
         );
+        assert!(
+            toml.contains(
+                "line 13: alt-tls-listening-port=5350: not carried over: RFC 5780 is \
+                           served over UDP only"
+            ),
+            "{toml}"
+        );
         let cfg = config::parse(&toml).unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        assert_eq!((cfg.alt_listening_port, cfg.rfc5780), (3500, false));
         assert_eq!(cfg.auth_secrets.len(), 2);
         assert_eq!(cfg.alternate_servers.len(), 2);
     }

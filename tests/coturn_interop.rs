@@ -873,9 +873,10 @@ fn stunclient_reports_mapped_address() {
 }
 
 /// `stunclient -f` (RFC 5780 NAT behaviour discovery) sends CHANGE-REQUEST, a
-/// comprehension-required attribute our server does not implement: RFC 8489 section 6.3.1
-/// wants a 420 (Unknown Attribute) error listing it in UNKNOWN-ATTRIBUTES. (stunclient then
-/// waits for ever, so it is killed once the answer was seen.)
+/// comprehension-required attribute, to a server with one listening address, which cannot
+/// serve RFC 5780: RFC 5780 section 6 and RFC 8489 section 6.3.1 want a 420 (Unknown
+/// Attribute) error listing it in UNKNOWN-ATTRIBUTES. (stunclient then waits for ever, so it
+/// is killed once the answer was seen.) `tests/rfc5780.rs` covers a server with two.
 #[test]
 fn stunclient_rfc5780_request_gets_unknown_attribute() {
     if !tools_available() {

@@ -1107,6 +1107,9 @@ impl World {
         match action {
             ClientAction::None => {}
             ClientAction::Reply(n) => self.check_reply(ci, input, n, sent_as),
+            ClientAction::ReplyFrom { .. } => {
+                panic!("a reply from another socket without RFC 5780 configured")
+            }
             ClientAction::Forward {
                 relay,
                 peer,

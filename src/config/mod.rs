@@ -86,6 +86,13 @@ pub struct Config {
     pub no_tcp: bool,
     /// Port of the TLS listener (`tls-listening-port`); never 0, never `listening_port`.
     pub tls_listening_port: u16,
+    /// The second UDP port of RFC 5780 NAT behaviour discovery (`alt-listening-port`, default
+    /// `listening-port + 1`); bound only where [`Config::rfc5780`] finds a pair of addresses.
+    /// When it is, never 0, `listening_port` or `tls_listening_port`.
+    pub alt_listening_port: u16,
+    /// Serve RFC 5780 where two addresses of one family are configured (`rfc5780`, default
+    /// true; coturn's `no-rfc5780` turns it off).
+    pub rfc5780: bool,
     /// Certificate chain and private key (PEM files) for TLS, when `cert` and `pkey` are both
     /// set and `no-tls` is not.
     pub tls: Option<TlsFiles>,
@@ -167,6 +174,16 @@ pub struct Config {
     pub udp_gso: bool,
 }
 
+/// Where the server serves RFC 5780 NAT behaviour discovery ([`Config::rfc5780`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rfc5780 {
+    /// Pairs (A1, A2) of listening addresses of one family; each listens on UDP
+    /// `listening-port` and `alt-listening-port`, and is the other's "other address".
+    pub pairs: Vec<(IpAddr, IpAddr)>,
+    /// Why it is off, or off for some addresses, one sentence each.
+    pub off: Vec<String>,
+}
+
 /// A setting that differs between two configurations and only takes effect on restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartOnly(pub &'static str);
@@ -190,6 +207,11 @@ impl Config {
             "tls-listening-port",
             self.tls_listening_port != new.tls_listening_port,
         );
+        differ(
+            "alt-listening-port",
+            self.alt_listening_port != new.alt_listening_port,
+        );
+        differ("rfc5780", self.rfc5780 != new.rfc5780);
         differ("cert / pkey / no-tls", self.tls != new.tls);
         differ("cert / pkey / no-dtls", self.dtls != new.dtls);
         differ("relay-ips", self.relay_ips != new.relay_ips);
@@ -215,6 +237,8 @@ impl Config {
         self.no_udp = running.no_udp;
         self.no_tcp = running.no_tcp;
         self.tls_listening_port = running.tls_listening_port;
+        self.alt_listening_port = running.alt_listening_port;
+        self.rfc5780 = running.rfc5780;
         self.tls = running.tls.clone();
         self.dtls = running.dtls.clone();
         self.relay_ips = running.relay_ips.clone();
@@ -472,6 +496,8 @@ struct RawConfig {
     no_udp: Option<Spanned<bool>>,
     no_tcp: Option<Spanned<bool>>,
     tls_listening_port: Option<Spanned<u16>>,
+    alt_listening_port: Option<Spanned<u16>>,
+    rfc5780: Option<Spanned<bool>>,
     cert: Option<Spanned<String>>,
     pkey: Option<Spanned<String>>,
     no_tls: Option<Spanned<bool>>,
@@ -744,6 +770,9 @@ impl RawConfig {
                 ),
             ));
         }
+        let rfc5780 = value_or(&self.rfc5780, true);
+        let alt_listening_port =
+            self.alt_listening_port(&check, &listening_ips, listening_port, tls_listening_port)?;
         let no_tls = value_or(&self.no_tls, false);
         let no_dtls = value_or(&self.no_dtls, false);
         let files = match (&self.cert, &self.pkey) {
@@ -1068,6 +1097,8 @@ impl RawConfig {
             no_udp,
             no_tcp,
             tls_listening_port,
+            alt_listening_port,
+            rfc5780,
             tls,
             dtls,
             relay_ips,
@@ -1102,6 +1133,75 @@ impl RawConfig {
             workers,
             udp_gso: value_or(&self.udp_gso, true),
         })
+    }
+
+    /// The `alt-listening-port` (default `listening-port + 1`, as coturn's). It is checked (not
+    /// 0, not beyond 65535, not `listening-port` or `tls-listening-port`) when written in the
+    /// file, or when RFC 5780 could be served: `rfc5780` on, UDP on, and two concrete listening
+    /// addresses of one family. Otherwise the port is never bound and a default that would
+    /// collide refuses nothing.
+    fn alt_listening_port(
+        &self,
+        check: &Checker<'_>,
+        listening_ips: &[IpAddr],
+        listening_port: u16,
+        tls_listening_port: u16,
+    ) -> Result<u16, ConfigError> {
+        const KEY: &str = "alt-listening-port";
+        let concrete = |v4: bool| {
+            listening_ips
+                .iter()
+                .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == v4)
+                .count()
+        };
+        let needed = value_or(&self.rfc5780, true)
+            && !value_or(&self.no_udp, false)
+            && (concrete(true) >= 2 || concrete(false) >= 2);
+        let span = span_of(&self.alt_listening_port).or_else(|| span_of(&self.listening_port));
+        let port = match &self.alt_listening_port {
+            Some(port) => *port.get_ref(),
+            None => match listening_port.checked_add(1) {
+                Some(port) => port,
+                None if needed => {
+                    return Err(check.error(
+                        KEY,
+                        span,
+                        format!(
+                            "{KEY} defaults to listening-port + 1, which is beyond 65535; set                              {KEY} (or rfc5780 = false)"
+                        ),
+                    ));
+                }
+                None => listening_port,
+            },
+        };
+        if self.alt_listening_port.is_none() && !needed {
+            return Ok(port);
+        }
+        let how = if self.alt_listening_port.is_some() {
+            ""
+        } else {
+            " (listening-port + 1 by default)"
+        };
+        let clash = if port == 0 {
+            Some(format!("{KEY} is 0"))
+        } else if port == listening_port {
+            Some(format!("{KEY} {port}{how} is listening-port"))
+        } else if port == tls_listening_port {
+            Some(format!("{KEY} {port}{how} is tls-listening-port"))
+        } else {
+            None
+        };
+        match clash {
+            Some(what) => Err(check.error(
+                KEY,
+                span,
+                format!(
+                    "{what}; RFC 5780 needs a second port of its own (set {KEY}, or \
+                     rfc5780 = false)"
+                ),
+            )),
+            None => Ok(port),
+        }
     }
 
     /// Parses and checks `external-ip` against the (defaulted) relay addresses.
@@ -1377,8 +1477,64 @@ impl Config {
         self.external_ips
             .iter()
             .find(|e| e.private == Some(relay))
-            .or_else(|| self.external_ips.iter().find(|e| e.private.is_none()))
+            .or_else(|| {
+                self.external_ips
+                    .iter()
+                    .find(|e| e.private.is_none() && e.public.is_ipv4() == relay.is_ipv4())
+            })
             .map_or(relay, |e| e.public)
+    }
+
+    /// Where RFC 5780 NAT behaviour discovery is served: pairs of UDP listening addresses of
+    /// one family, and why the other addresses do not serve it. Concrete listening addresses
+    /// pair up in file order, per family (the first two IPv4 addresses, the next two, ...).
+    /// A wildcard cannot serve it: a response from the other address needs that address as
+    /// its source, which a socket bound to the wildcard does not choose. Nor can a pair whose
+    /// two addresses `external-ip` advertises as one: behind that NAT they look like one.
+    pub fn rfc5780(&self) -> Rfc5780 {
+        let mut plan = Rfc5780::default();
+        if !self.rfc5780 {
+            plan.off.push("off (rfc5780 = false)".into());
+            return plan;
+        }
+        if self.no_udp {
+            plan.off.push("off: no UDP listener (no-udp = true)".into());
+            return plan;
+        }
+        for ip in self.listening_ips.iter().filter(|ip| ip.is_unspecified()) {
+            plan.off.push(format!(
+                "not on the wildcard {ip}: a response from the other address needs a concrete \
+                 source address; list the addresses in listening-ips"
+            ));
+        }
+        for v4 in [true, false] {
+            let ips: Vec<IpAddr> = self
+                .listening_ips
+                .iter()
+                .copied()
+                .filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == v4)
+                .collect();
+            for pair in ips.chunks(2) {
+                match *pair {
+                    [a, b] if self.advertised(a) == self.advertised(b) => plan.off.push(format!(
+                        "not on {a} and {b}: external-ip advertises both as {}",
+                        self.advertised(a)
+                    )),
+                    [a, b] => plan.pairs.push((a, b)),
+                    [a] if ips.len() == 1 => plan.off.push(format!(
+                        "not on {a}: it is the only {} listening address; RFC 5780 needs two \
+                         addresses of one family (listening-ips)",
+                        family(a)
+                    )),
+                    [a] => plan.off.push(format!(
+                        "not on {a}: no {} listening address left to pair it with",
+                        family(a)
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        plan
     }
 
     /// Relay addresses in private ranges (RFC 1918, shared address space 100.64.0.0/10, IPv6
@@ -1409,6 +1565,10 @@ impl Config {
             let addr = SocketAddr::new(*ip, self.listening_port);
             let _ = writeln!(out, "  {addr} ({transports})");
         }
+        for ip in self.rfc5780().pairs.iter().flat_map(|&(a, b)| [a, b]) {
+            let addr = SocketAddr::new(ip, self.alt_listening_port);
+            let _ = writeln!(out, "  {addr} (udp, RFC 5780 alternate port)");
+        }
         if let Some(tls) = &self.tls {
             for ip in &self.listening_ips {
                 let addr = SocketAddr::new(*ip, self.tls_listening_port);
@@ -1428,6 +1588,20 @@ impl Config {
                 let addr = SocketAddr::new(*ip, self.tls_listening_port);
                 let _ = writeln!(out, "  {addr} (dtls)");
             }
+        }
+        let nat = self.rfc5780();
+        for (a, b) in &nat.pairs {
+            let (p1, p2) = (self.listening_port, self.alt_listening_port);
+            let _ = writeln!(
+                out,
+                "rfc 5780 nat discovery: {a} and {b}, udp ports {p1} and {p2} (advertised as {} \
+                 and {})",
+                self.advertised(*a),
+                self.advertised(*b)
+            );
+        }
+        for why in &nat.off {
+            let _ = writeln!(out, "rfc 5780 nat discovery: {why}");
         }
         let _ = writeln!(out, "relay ips: {}", join(&self.relay_ips));
         for ip in self.unmapped_private_relays() {
@@ -2647,6 +2821,154 @@ bob = "b"
         ] {
             assert!(!is_private(ip(not)), "{not}");
         }
+    }
+
+    #[test]
+    fn rfc5780_pairs_and_why_not() {
+        let two = |extra: &str| {
+            with_users(&format!(
+                "listening-ips = [\"192.0.2.1\", \"192.0.2.2\"]\n{extra}"
+            ))
+        };
+        let c = parse(&two("")).expect("valid");
+        assert!(c.rfc5780);
+        assert_eq!((c.listening_port, c.alt_listening_port), (3478, 3479));
+        assert_eq!(c.rfc5780().pairs, vec![(ip("192.0.2.1"), ip("192.0.2.2"))]);
+        assert!(c.rfc5780().off.is_empty());
+        assert!(
+            c.summary().contains(
+                "rfc 5780 nat discovery: 192.0.2.1 and 192.0.2.2, udp ports 3478 and 3479"
+            )
+        );
+        assert!(
+            c.summary()
+                .contains("  192.0.2.2:3479 (udp, RFC 5780 alternate port)")
+        );
+
+        let c = parse(&two("rfc5780 = false")).expect("valid");
+        assert!(c.rfc5780().pairs.is_empty());
+        assert_eq!(c.rfc5780().off, ["off (rfc5780 = false)"]);
+        let c = parse(&two("no-udp = true")).expect("valid");
+        assert!(c.rfc5780().pairs.is_empty());
+        assert!(c.rfc5780().off[0].contains("no-udp"));
+
+        let c = parse(&valid("")).expect("valid");
+        assert!(c.rfc5780().pairs.is_empty());
+        assert!(c.rfc5780().off[0].contains("only IPv4 listening address"));
+        assert!(
+            c.summary()
+                .contains("rfc 5780 nat discovery: not on 127.0.0.1")
+        );
+
+        // Pairs per family in file order; a wildcard and an odd one out are named.
+        let c = parse(&with_users(
+            "listening-ips = [\"0.0.0.0\", \"192.0.2.1\", \"2001:db8::1\", \"192.0.2.2\", \
+             \"192.0.2.3\", \"2001:db8::2\"]",
+        ))
+        .expect("valid");
+        let plan = c.rfc5780();
+        assert_eq!(
+            plan.pairs,
+            vec![
+                (ip("192.0.2.1"), ip("192.0.2.2")),
+                (ip("2001:db8::1"), ip("2001:db8::2"))
+            ]
+        );
+        assert_eq!(plan.off.len(), 2, "{:?}", plan.off);
+        assert!(plan.off[0].contains("wildcard 0.0.0.0"), "{:?}", plan.off);
+        assert!(plan.off[1].contains("192.0.2.3"), "{:?}", plan.off);
+
+        // Advertised as two public addresses: served; as one: not.
+        let c = parse(&two(
+            "external-ip = [\"203.0.113.1/192.0.2.1\", \"203.0.113.2/192.0.2.2\"]",
+        ))
+        .expect("valid");
+        assert_eq!(c.rfc5780().pairs.len(), 1);
+        let c = parse(&two("external-ip = \"203.0.113.1\"")).expect("valid");
+        assert!(c.rfc5780().pairs.is_empty());
+        assert!(c.rfc5780().off[0].contains("advertises both as 203.0.113.1"));
+    }
+
+    #[test]
+    fn alt_listening_port_checks() {
+        let two = |extra: &str| {
+            with_users(&format!(
+                "listening-ips = [\"192.0.2.1\", \"192.0.2.2\"]\n{extra}"
+            ))
+        };
+        let c = parse(&two("alt-listening-port = 4000")).expect("valid");
+        assert_eq!(c.alt_listening_port, 4000);
+        refused(
+            &two("alt-listening-port = 3478"),
+            "alt-listening-port",
+            Some(2),
+            "alt-listening-port 3478 is listening-port",
+        );
+        refused(
+            &two("alt-listening-port = 5349"),
+            "alt-listening-port",
+            Some(2),
+            "is tls-listening-port",
+        );
+        refused(
+            &two("alt-listening-port = 0"),
+            "alt-listening-port",
+            Some(2),
+            "alt-listening-port is 0",
+        );
+        refused(
+            &two("alt-listening-port = 70000"),
+            "alt-listening-port",
+            Some(2),
+            "invalid value",
+        );
+        // The default collides: named, with the way out.
+        refused(
+            &two("listening-port = 5348"),
+            "alt-listening-port",
+            Some(2),
+            "5349 (listening-port + 1 by default) is tls-listening-port",
+        );
+        refused(
+            &two("listening-port = 65535"),
+            "alt-listening-port",
+            Some(2),
+            "beyond 65535",
+        );
+        // Where RFC 5780 cannot be served, a default that would collide refuses nothing; a
+        // port written in the file is still checked.
+        for ok in [
+            valid("listening-port = 5348"),
+            valid("listening-port = 65535"),
+            two("listening-port = 5348\nrfc5780 = false"),
+        ] {
+            parse(&ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        refused(
+            &valid("alt-listening-port = 3478"),
+            "alt-listening-port",
+            Some(1),
+            "is listening-port",
+        );
+        refused(&two("rfc5780 = 1"), "rfc5780", Some(2), "invalid type");
+    }
+
+    #[test]
+    fn rfc5780_keys_are_restart_only() {
+        let two = "listening-ips = [\"192.0.2.1\", \"192.0.2.2\"]";
+        let running = parse(&with_users(two)).expect("valid");
+        let mut new = parse(&with_users(&format!(
+            "{two}\nalt-listening-port = 4000\nrfc5780 = false"
+        )))
+        .expect("valid");
+        let keys: Vec<&str> = running
+            .restart_only_changes(&new)
+            .iter()
+            .map(|k| k.0)
+            .collect();
+        assert_eq!(keys, ["alt-listening-port", "rfc5780"]);
+        new.keep_restart_only(&running);
+        assert!(running.restart_only_changes(&new).is_empty());
     }
 
     /// A valid configuration listening (and relaying) on `addr`, with `extra` keys.

@@ -14,6 +14,7 @@
 //! The relay path (ChannelData and Send from a client, datagrams from peers) allocates nothing:
 //! it borrows the input, looks the allocation up once, and returns byte ranges.
 
+pub mod discovery;
 mod limits;
 pub mod policy;
 mod ports;
@@ -41,6 +42,7 @@ use crate::wire::{
     TransactionId, pad4,
 };
 
+pub use discovery::NatDiscovery;
 pub use policy::{Cidr, PeerPolicy};
 pub use ports::PortPool;
 pub use quota::{Exceeded, Limits, QuotaBook};
@@ -120,6 +122,14 @@ pub enum ClientAction {
     None,
     /// Send the first `n` bytes of the output buffer back to the client.
     Reply(usize),
+    /// Send the first `len` bytes of the output buffer from the UDP listener bound to `from`
+    /// to `to` (an RFC 5780 Binding response asked for from another address or port, or to
+    /// another port of the client). Only for clients over UDP.
+    ReplyFrom {
+        len: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+    },
     /// Send `input[payload]` from the relay socket bound to `relay` to `peer`.
     Forward {
         relay: SocketAddr,
@@ -288,6 +298,8 @@ pub struct ServerConfig {
     pub alternate_servers: Vec<SocketAddr>,
     /// The same for TLS and DTLS.
     pub tls_alternate_servers: Vec<SocketAddr>,
+    /// The UDP listeners that answer RFC 5780 (NAT behaviour discovery) Binding requests.
+    pub nat_discovery: NatDiscovery,
 }
 
 impl ServerConfig {
@@ -315,6 +327,7 @@ impl ServerConfig {
             max_channels: 64,
             alternate_servers: Vec::new(),
             tls_alternate_servers: Vec::new(),
+            nat_discovery: NatDiscovery::default(),
         }
     }
 }
@@ -877,17 +890,82 @@ impl Server {
     }
 
     fn binding(&mut self, client: ClientId, msg: &MessageRef, out: &mut [u8]) -> ClientAction {
+        // RFC 5780: its request attributes are understood where it is served (a UDP listener
+        // with an other address) and nowhere else, where CHANGE-REQUEST gets 420 (section 6).
+        let other = self.cfg.nat_discovery.other(&client);
         let mut unknown = [0u16; 8];
-        let n = msg.unknown_required(&mut unknown);
+        let mut n = msg.unknown_required(&mut unknown);
+        if other.is_some() {
+            let mut kept = 0;
+            for i in 0..n {
+                if !AttrType::RFC5780_REQUEST.contains(&AttrType(unknown[i])) {
+                    unknown[kept] = unknown[i];
+                    kept += 1;
+                }
+            }
+            n = kept;
+        }
         if n > 0 {
+            if AttrType::RFC5780_REQUEST.iter().any(|t| msg.has(*t)) {
+                self.stats.nat_discovery_refused += 1;
+            }
             return self.unknown_attributes(client, msg, out, None, &unknown[..n]);
         }
-        self.stats.response(Method::BINDING, None);
         let mapped = self.mapped(&client);
-        self.respond(out, msg, None, None, |w| {
+        let Some(other) = other else {
+            self.stats.response(Method::BINDING, None);
+            return self.respond(out, msg, None, None, |w| {
+                w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, mapped)
+                    .add_address(AttrType::MAPPED_ADDRESS, mapped);
+            });
+        };
+        let plan = match discovery::Plan::new(&client, msg, other) {
+            Ok(plan) => plan,
+            Err((code, reason)) => {
+                // Unauthenticated and cheap to send: counted, logged at debug only.
+                debug!(%client, code = code.0, reason, "binding refused");
+                self.stats.nat_discovery_refused += 1;
+                self.stats.response(Method::BINDING, Some(code.0));
+                return self.respond(out, msg, Some(code), None, |_| {});
+            }
+        };
+        // Both addresses as clients see them: behind a 1:1 NAT, the public ones.
+        let origin = SocketAddr::new(self.advertise(plan.from.ip()), plan.from.port());
+        let other = SocketAddr::new(self.advertise(plan.other.ip()), plan.other.port());
+        let trailer = if self.cfg.fingerprint || msg.fingerprint_valid().is_some() {
+            8
+        } else {
+            0
+        };
+        let request_len = msg.as_bytes().len();
+        self.stats.response(Method::BINDING, None);
+        let action = self.respond(out, msg, None, None, |w| {
             w.add_xor_address(AttrType::XOR_MAPPED_ADDRESS, mapped)
-                .add_address(AttrType::MAPPED_ADDRESS, mapped);
-        })
+                .add_address(AttrType::MAPPED_ADDRESS, mapped)
+                .add_address(AttrType::RESPONSE_ORIGIN, origin)
+                .add_address(AttrType::OTHER_ADDRESS, other);
+            if plan.padding {
+                let len = discovery::Plan::padding(request_len, w.len(), trailer);
+                w.add_padding(len);
+            }
+        });
+        let ClientAction::Reply(len) = action else {
+            return action;
+        };
+        if plan.from == client.local && plan.to == client.remote {
+            return action;
+        }
+        if plan.from != client.local {
+            self.stats.nat_discovery_other_source += 1;
+        }
+        if plan.to != client.remote {
+            self.stats.nat_discovery_response_port += 1;
+        }
+        ClientAction::ReplyFrom {
+            len,
+            from: plan.from,
+            to: plan.to,
+        }
     }
 
     /// Writes a response to `req`: the error (if any), the attributes `add` appends, SOFTWARE,

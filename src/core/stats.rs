@@ -148,6 +148,13 @@ pub struct Stats {
     pub to_client: [Flow; 4],
     /// Requests refused for bad credentials (401 with MESSAGE-INTEGRITY present).
     pub auth_failures: u64,
+    /// RFC 5780 Binding responses sent from the other address or port (CHANGE-REQUEST).
+    pub nat_discovery_other_source: u64,
+    /// RFC 5780 Binding responses sent to the port RESPONSE-PORT named.
+    pub nat_discovery_response_port: u64,
+    /// Binding requests with RFC 5780 attributes refused: 420 where RFC 5780 is not served,
+    /// 400 for a malformed or forbidden combination where it is.
+    pub nat_discovery_refused: u64,
 }
 
 fn method_index(m: Method) -> usize {
@@ -244,5 +251,8 @@ impl Stats {
             a.bytes += b.bytes;
         }
         self.auth_failures += other.auth_failures;
+        self.nat_discovery_other_source += other.nat_discovery_other_source;
+        self.nat_discovery_response_port += other.nat_discovery_response_port;
+        self.nat_discovery_refused += other.nat_discovery_refused;
     }
 }

@@ -194,6 +194,19 @@ pub fn render(s: &Snapshot, status: &Status) -> String {
         one(c.auth_failures),
     );
     f.counter(
+        "turnserver_nat_discovery_responses_total",
+        "RFC 5780 Binding requests: answered from the other address or port (other_source), \
+         sent to RESPONSE-PORT (response_port), refused with 400 or 420 (refused).",
+        [
+            ("other_source", c.nat_discovery_other_source),
+            ("response_port", c.nat_discovery_response_port),
+            ("refused", c.nat_discovery_refused),
+        ]
+        .iter()
+        .map(|(outcome, n)| (vec![("outcome", (*outcome).to_owned())], *n as f64))
+        .collect(),
+    );
+    f.counter(
         "turnserver_dropped_packets_total",
         "Datagrams and frames dropped without an answer, by reason.",
         Drop::ALL

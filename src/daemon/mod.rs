@@ -358,6 +358,18 @@ impl Supervisor {
         for &relay in &self.running.relay_ips {
             info!(%relay, advertised = %self.running.advertised(relay), "relay address");
         }
+        let nat = self.running.rfc5780();
+        let (p1, p2) = (self.running.listening_port, self.running.alt_listening_port);
+        for (a, b) in &nat.pairs {
+            let (shown_a, shown_b) = (self.running.advertised(*a), self.running.advertised(*b));
+            info!(
+                "RFC 5780 NAT behaviour discovery on udp {a}:{p1}, {a}:{p2}, {b}:{p1} and \
+                 {b}:{p2} (OTHER-ADDRESS {shown_b}:{p2} for {a}, {shown_a}:{p2} for {b})"
+            );
+        }
+        for why in &nat.off {
+            info!("RFC 5780 NAT behaviour discovery {why}");
+        }
         for ip in self.running.unmapped_private_relays() {
             warn!(relay = %ip, "relay address is private and no external-ip maps it: clients outside its network get a relay candidate they cannot reach (behind 1:1 NAT, set external-ip = \"PUBLIC/{ip}\")");
         }

@@ -33,7 +33,8 @@ use tracing::{debug, info, warn};
 use crate::auth::Users;
 use crate::config::{Config, UserKey};
 use crate::core::{
-    Cidr, ClientAction, ClientId, PeerAction, RelaySockets, Server, ServerConfig, Transport,
+    Cidr, ClientAction, ClientId, NatDiscovery, PeerAction, RelaySockets, Server, ServerConfig,
+    Transport,
 };
 use crate::wire::HEADROOM;
 use batch::{MAX_DATAGRAM, Outbox, Via};
@@ -156,6 +157,10 @@ pub fn server_config(cfg: &Config) -> ServerConfig {
     sc.max_channels = cfg.max_channels as usize;
     sc.alternate_servers = cfg.alternate_servers.clone();
     sc.tls_alternate_servers = cfg.tls_alternate_servers.clone();
+    sc.nat_discovery = NatDiscovery {
+        pairs: cfg.rfc5780().pairs,
+        ports: (cfg.listening_port, cfg.alt_listening_port),
+    };
     sc
 }
 
@@ -474,7 +479,11 @@ impl Driver {
         }
         match self.core_input(now, client, frame, reply) {
             ClientAction::None => {}
-            ClientAction::Reply(n) => reply_to(&reply[..n]),
+            // The core sends replies elsewhere for UDP clients only: on a connection a reply
+            // can only go back on it.
+            ClientAction::Reply(n) | ClientAction::ReplyFrom { len: n, .. } => {
+                reply_to(&reply[..n]);
+            }
             ClientAction::Forward {
                 relay,
                 peer,
@@ -520,6 +529,18 @@ impl Driver {
                 ClientAction::None => {}
                 ClientAction::Reply(len) => {
                     let _ = send_udp(sock, &reply[..len], remote);
+                }
+                ClientAction::ReplyFrom { len, from, to } => {
+                    // An RFC 5780 response from another of this driver's listeners (the
+                    // other address or port) or to another port of the client.
+                    let sent = self
+                        .udp
+                        .iter()
+                        .find(|(a, _)| *a == from)
+                        .is_some_and(|(_, s)| send_udp(s, &reply[..len], to).is_ok());
+                    if !sent {
+                        bump(&self.send_dropped[Transport::Udp as usize], 1);
+                    }
                 }
                 ClientAction::Forward {
                     relay,
@@ -858,6 +879,16 @@ impl Listeners {
                 // cannot.
                 bind_udp(secure).map_err(|e| format!("cannot listen on dtls {secure}: {e}"))?;
                 all[0].dtls.push(secure);
+            }
+        }
+        // RFC 5780: the second port on each address of a pair, a UDP listener like the first.
+        for ip in cfg.rfc5780().pairs.iter().flat_map(|&(a, b)| [a, b]) {
+            let addr = SocketAddr::new(ip, cfg.alt_listening_port);
+            let socks = bind_udp_listeners(addr, count).map_err(|e| {
+                format!("cannot listen on udp {addr} (alt-listening-port, RFC 5780): {e}")
+            })?;
+            for (l, s) in all.iter_mut().zip(socks) {
+                l.udp.push(s);
             }
         }
         Ok(all)

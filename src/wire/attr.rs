@@ -11,6 +11,7 @@ pub struct AttrType(pub u16);
 
 impl AttrType {
     pub const MAPPED_ADDRESS: AttrType = AttrType(0x0001);
+    pub const CHANGE_REQUEST: AttrType = AttrType(0x0003);
     pub const USERNAME: AttrType = AttrType(0x0006);
     pub const MESSAGE_INTEGRITY: AttrType = AttrType(0x0008);
     pub const ERROR_CODE: AttrType = AttrType(0x0009);
@@ -33,6 +34,8 @@ impl AttrType {
     pub const RESERVATION_TOKEN: AttrType = AttrType(0x0022);
     pub const PRIORITY: AttrType = AttrType(0x0024);
     pub const USE_CANDIDATE: AttrType = AttrType(0x0025);
+    pub const PADDING: AttrType = AttrType(0x0026);
+    pub const RESPONSE_PORT: AttrType = AttrType(0x0027);
     pub const PASSWORD_ALGORITHMS: AttrType = AttrType(0x8002);
     pub const ALTERNATE_DOMAIN: AttrType = AttrType(0x8003);
     pub const SOFTWARE: AttrType = AttrType(0x8022);
@@ -57,8 +60,18 @@ impl AttrType {
         self.0 < 0x8000
     }
 
-    /// Whether this server understands the attribute. A comprehension-required attribute that
-    /// is not understood gets a 420 response listing it (RFC 8489 6.3.1.1).
+    /// The comprehension-required request attributes of RFC 5780 (NAT behaviour discovery).
+    /// They are not in [`AttrType::understood`]: only a Binding request received where the
+    /// server serves RFC 5780 understands them; anywhere else they get 420 (RFC 5780 6).
+    pub const RFC5780_REQUEST: [AttrType; 3] = [
+        AttrType::CHANGE_REQUEST,
+        AttrType::PADDING,
+        AttrType::RESPONSE_PORT,
+    ];
+
+    /// Whether this server understands the attribute in every request. A
+    /// comprehension-required attribute that is not understood gets a 420 response listing it
+    /// (RFC 8489 6.3.1.1).
     pub fn understood(self) -> bool {
         matches!(
             self,
@@ -89,6 +102,11 @@ impl AttrType {
         ) || !self.comprehension_required()
     }
 }
+
+/// The "change IP" flag of CHANGE-REQUEST (RFC 5780 7.2, bit A).
+pub const CHANGE_IP: u32 = 0x04;
+/// The "change port" flag of CHANGE-REQUEST (RFC 5780 7.2, bit B).
+pub const CHANGE_PORT: u32 = 0x02;
 
 /// Address family codes of the address attributes (RFC 8489 14.1).
 pub const FAMILY_IPV4: u8 = 0x01;

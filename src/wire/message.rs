@@ -7,7 +7,9 @@ use hmac::{Hmac, Mac};
 use sha1::Sha1;
 use sha2::Sha256;
 
-use super::attr::{AttrError, AttrType, decode_error_code, decode_xor_address};
+use super::attr::{
+    AttrError, AttrType, CHANGE_IP, CHANGE_PORT, decode_error_code, decode_xor_address,
+};
 use super::crc32::Crc32;
 use super::{Class, HEADER_LEN, MAGIC_COOKIE, Method, pad4, split_message_type};
 
@@ -351,6 +353,22 @@ impl<'a> MessageRef<'a> {
             None => Ok(None),
             Some(v) => v.try_into().map(Some).map_err(|_| AttrError::Length),
         }
+    }
+
+    /// CHANGE-REQUEST (RFC 5780 7.2) as its ("change IP", "change port") flags. Bits other
+    /// than the two flags are ignored.
+    pub fn change_request(&self) -> Result<Option<(bool, bool)>, AttrError> {
+        Ok(self
+            .u32_attr(AttrType::CHANGE_REQUEST)?
+            .map(|v| (v & CHANGE_IP != 0, v & CHANGE_PORT != 0)))
+    }
+
+    /// RESPONSE-PORT (RFC 5780 7.5): a 16-bit port followed by two bytes of padding, so a
+    /// value of exactly four bytes.
+    pub fn response_port(&self) -> Result<Option<u16>, AttrError> {
+        Ok(self
+            .u32_attr(AttrType::RESPONSE_PORT)?
+            .map(|v| (v >> 16) as u16))
     }
 
     pub fn dont_fragment(&self) -> bool {

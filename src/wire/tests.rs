@@ -386,6 +386,60 @@ fn bad_attribute_values_are_errors_not_panics() {
 }
 
 #[test]
+fn rfc5780_attributes_decode() {
+    let mut out = [0u8; 256];
+    let mut w = MessageWriter::new(&mut out, Method::BINDING, Class::Request, &TXID_A);
+    w.add_u32(AttrType::CHANGE_REQUEST, CHANGE_IP | CHANGE_PORT)
+        .add(AttrType::RESPONSE_PORT, &[0xC3, 0x50, 0, 0])
+        .add_padding(5);
+    let n = w.finish().unwrap();
+    // The padding value is rounded up to four bytes on the wire.
+    assert_eq!(n, 20 + 8 + 8 + 4 + 8);
+    let m = MessageRef::parse(&out[..n]).unwrap();
+    assert_eq!(m.change_request().unwrap(), Some((true, true)));
+    assert_eq!(m.response_port().unwrap(), Some(50000));
+    assert_eq!(m.get(AttrType::PADDING), Some(&[0u8; 5][..]));
+    let mut unk = [0u16; 4];
+    assert_eq!(
+        m.unknown_required(&mut unk),
+        3,
+        "RFC 5780 attributes are understood only where the server serves RFC 5780"
+    );
+    assert_eq!(&unk[..3], &[0x0003, 0x0027, 0x0026]);
+
+    for (flags, expect) in [
+        (0, (false, false)),
+        (CHANGE_IP, (true, false)),
+        (CHANGE_PORT, (false, true)),
+        // Bits other than the two flags are ignored.
+        (0xFFFF_FFF9, (false, false)),
+    ] {
+        let mut out = [0u8; 64];
+        let mut w = MessageWriter::new(&mut out, Method::BINDING, Class::Request, &TXID_A);
+        w.add_u32(AttrType::CHANGE_REQUEST, flags);
+        let n = w.finish().unwrap();
+        let m = MessageRef::parse(&out[..n]).unwrap();
+        assert_eq!(m.change_request().unwrap(), Some(expect), "{flags:#x}");
+        assert_eq!(m.response_port().unwrap(), None);
+    }
+}
+
+#[test]
+fn malformed_rfc5780_attributes_are_errors() {
+    for len in [0usize, 1, 2, 3, 5, 8] {
+        let value = vec![0u8; len];
+        let mut out = [0u8; 64];
+        let mut w = MessageWriter::new(&mut out, Method::BINDING, Class::Request, &TXID_A);
+        w.add(AttrType::CHANGE_REQUEST, &value)
+            .add(AttrType::RESPONSE_PORT, &value);
+        let n = w.finish().unwrap();
+        let m = MessageRef::parse(&out[..n]).unwrap();
+        assert_eq!(m.change_request(), Err(AttrError::Length), "length {len}");
+        assert_eq!(m.response_port(), Err(AttrError::Length), "length {len}");
+    }
+}
+
+#[test]
 fn writer_reports_overflow() {
     let mut out = [0u8; 30];
     let mut w = MessageWriter::new(&mut out, Method::BINDING, Class::Success, &TXID_A);

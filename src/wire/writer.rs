@@ -105,6 +105,14 @@ impl<'b> MessageWriter<'b> {
         self.add_address(t, xor_addr(a, &txid))
     }
 
+    /// Appends PADDING (RFC 5780 7.6) with a value of `len` zero bytes.
+    pub fn add_padding(&mut self, len: usize) -> &mut Self {
+        if let Some(v) = self.reserve(AttrType::PADDING, len) {
+            v.fill(0);
+        }
+        self
+    }
+
     /// Appends ERROR-CODE with the standard reason phrase.
     pub fn add_error(&mut self, code: ErrorCode) -> &mut Self {
         self.add_error_reason(code.0, code.reason())
