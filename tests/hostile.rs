@@ -1695,3 +1695,60 @@ fn a_tcp_client_that_never_reads_is_bounded_and_others_are_served() {
          legitimate clients during: UDP {udp:?}, TCP {tcp:?}; after: UDP {udp2:?}, TCP {tcp2:?}"
     );
 }
+
+/// A flood of requests the server refuses (here Binding requests with an unknown
+/// comprehension-required attribute, which need no credentials) is answered in full, 420 each,
+/// but logged at most 50 lines a second per relay thread; the rest are summed up in one line a
+/// second, so every refusal is accounted for and the log does not grow with the flood.
+#[test]
+fn a_flood_of_refused_requests_is_answered_but_not_logged_line_by_line() {
+    let server = common::start("");
+    let sock = UdpSocket::bind((LO, 0)).unwrap();
+    sock.set_read_timeout(Some(3 * SECOND)).unwrap();
+    let started = Instant::now();
+    const N: usize = 300;
+    let mut buf = [0u8; 1500];
+    for _ in 0..N / 10 {
+        let ids: Vec<TransactionId> = (0..10).map(|_| txid()).collect();
+        for t in &ids {
+            let req = message(Method::BINDING, Class::Request, t, |w| {
+                w.add(AttrType(0x0042), b"?");
+            });
+            sock.send_to(&req, server.addr()).unwrap();
+        }
+        for t in &ids {
+            let n = sock.recv(&mut buf).expect("every refusal is answered");
+            assert!(is_response_to(&buf[..n], t));
+            assert_eq!(code(&buf[..n]), Some(420));
+        }
+    }
+    let seconds = started.elapsed().as_secs() as usize + 2;
+    // Lines logged, and refusals summed up in the once-a-second lines.
+    let accounted = |log: &str| {
+        let logged = log.matches("request refused: unknown").count();
+        let unlogged: usize = log
+            .lines()
+            .filter(|l| l.contains("more requests refused than logged"))
+            .filter_map(|l| {
+                let rest = &l[l.find("count=")? + "count=".len()..];
+                rest.split_whitespace().next()?.parse::<usize>().ok()
+            })
+            .sum();
+        (logged, unlogged)
+    };
+    let deadline = Instant::now() + 5 * SECOND;
+    let (logged, unlogged) = loop {
+        let (logged, unlogged) = accounted(&server.log());
+        if logged + unlogged >= N || Instant::now() > deadline {
+            break (logged, unlogged);
+        }
+        sleep(Duration::from_millis(50));
+    };
+    let log = server.log();
+    assert_eq!(logged + unlogged, N, "log tail:\n{}", tail(&log, 20));
+    assert!(unlogged > 0, "nothing was summed up");
+    assert!(
+        logged <= 50 * seconds,
+        "{logged} refusal lines in about {seconds} s"
+    );
+}

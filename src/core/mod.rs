@@ -571,12 +571,19 @@ pub struct Server {
     /// Ports, reservations and quota counts, shared with the other cores' servers.
     shared: Shared,
     failures: limits::FailureLog,
+    /// Refused requests logged in the current second, refusals not logged in it, and when it
+    /// began (see [`Server::may_log_refusal`]).
+    refusals_logged: u32,
+    refusals_unlogged: u64,
+    refusal_window: Instant,
     timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     live: usize,
     stats: Stats,
 }
 
 const NO_SLOT: u32 = u32::MAX;
+/// Refused requests logged per second by one server (relay thread).
+const REFUSAL_LOGS: u32 = 50;
 /// Entries of the client cache (a power of two): 16 KiB.
 const CLIENT_CACHE: usize = 4096;
 
@@ -623,6 +630,9 @@ impl Server {
             by_port: vec![NO_SLOT; span],
             shared: Shared::new(cfg.min_port, cfg.max_port, seed, now),
             failures: limits::FailureLog::default(),
+            refusals_logged: 0,
+            refusals_unlogged: 0,
+            refusal_window: now,
             timers: BinaryHeap::new(),
             live: 0,
             stats: Stats::default(),
@@ -1026,6 +1036,19 @@ impl Server {
     }
 
     /// An error response, counted and logged.
+    /// Whether a refused request may be logged: at most [`REFUSAL_LOGS`] in each second (the
+    /// timer, at least once a second, starts the next one and says how many went unlogged), so
+    /// a flood of bad requests cannot flood the log. The response counters count every one.
+    fn may_log_refusal(&mut self) -> bool {
+        if self.refusals_logged < REFUSAL_LOGS {
+            self.refusals_logged += 1;
+            true
+        } else {
+            self.refusals_unlogged += 1;
+            false
+        }
+    }
+
     fn refuse(
         &mut self,
         client: ClientId,
@@ -1035,7 +1058,9 @@ impl Server {
         (code, reason): Refused,
     ) -> ClientAction {
         self.stats.response(req.method(), Some(code.0));
-        info!(%client, method = req.method().name(), code = code.0, reason, "request refused");
+        if self.may_log_refusal() {
+            info!(%client, method = req.method().name(), code = code.0, reason, "request refused");
+        }
         self.respond(out, req, Some(code), auth, |_| {})
     }
 
@@ -1049,7 +1074,9 @@ impl Server {
     ) -> ClientAction {
         let code = ErrorCode::UNKNOWN_ATTRIBUTE;
         self.stats.response(req.method(), Some(code.0));
-        info!(%client, method = req.method().name(), code = code.0, ?unknown, "request refused: unknown comprehension-required attributes");
+        if self.may_log_refusal() {
+            info!(%client, method = req.method().name(), code = code.0, ?unknown, "request refused: unknown comprehension-required attributes");
+        }
         self.respond(out, req, Some(code), auth, |w| {
             w.add_unknown_attributes(unknown);
         })
@@ -2067,6 +2094,17 @@ impl Server {
     /// Expires permissions, channels, allocations and port reservations due at `now`.
     pub fn handle_timeout(&mut self, now: Instant, relays: &mut impl RelaySockets) {
         self.failures.sweep(now);
+        if now.saturating_duration_since(self.refusal_window) >= Duration::from_secs(1) {
+            if self.refusals_unlogged > 0 {
+                info!(
+                    count = self.refusals_unlogged,
+                    "more requests refused than logged (at most {REFUSAL_LOGS} a second per \
+                     relay thread; the counters have them all)"
+                );
+            }
+            (self.refusals_logged, self.refusals_unlogged) = (0, 0);
+            self.refusal_window = now;
+        }
         while let Some(&Reverse((t, slot, gen_))) = self.timers.peek() {
             if t > now {
                 break;
