@@ -732,13 +732,7 @@ impl Server {
     /// advertised as, which is the address the client was given and permitted.
     #[inline]
     fn outward(&self, peer: SocketAddr) -> SocketAddr {
-        if self.nat.is_empty() {
-            return peer;
-        }
-        match self.nat.iter().find(|(ip, _)| *ip == peer.ip()) {
-            Some((_, public)) => SocketAddr::new(*public, peer.port()),
-            None => peer,
-        }
+        self.translate(peer, |&(relay, public)| (relay, public))
     }
 
     /// Where to send a datagram for `peer`. One of the server's own advertised addresses is
@@ -747,13 +741,23 @@ impl Server {
     /// it would be wasted anyway.
     #[inline]
     fn inward(&self, peer: SocketAddr) -> SocketAddr {
-        if self.nat.is_empty() {
-            return peer;
-        }
-        match self.nat.iter().find(|(_, public)| *public == peer.ip()) {
-            Some((ip, _)) => SocketAddr::new(*ip, peer.port()),
-            None => peer,
-        }
+        self.translate(peer, |&(relay, public)| (public, relay))
+    }
+
+    /// `peer` with its address replaced by the second of the first pair of [`Server::nat`]
+    /// (ordered by `from_to`) whose first is that address; `peer` itself when none is (and at
+    /// once when there is no mapping).
+    #[inline]
+    fn translate(
+        &self,
+        peer: SocketAddr,
+        from_to: impl Fn(&(IpAddr, IpAddr)) -> (IpAddr, IpAddr),
+    ) -> SocketAddr {
+        self.nat
+            .iter()
+            .map(from_to)
+            .find(|(from, _)| *from == peer.ip())
+            .map_or(peer, |(_, to)| SocketAddr::new(to, peer.port()))
     }
 
     /// The client's reflexive address for XOR-MAPPED-ADDRESS: its source address, except that

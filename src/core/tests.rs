@@ -1604,14 +1604,24 @@ fn dual_allocation_retries_a_port_taken_on_one_family() {
     h.s.check_invariants().unwrap();
 }
 
-#[test]
-fn nat_mapped_relays_reach_each_other_inside_and_show_public_addresses() {
-    let private: IpAddr = "10.0.0.5".parse().unwrap();
-    let public: IpAddr = "8.8.8.8".parse().unwrap();
+/// The relay address of [`nat_cfg`] and the public address `external-ip` maps it to.
+fn nat_pair() -> (IpAddr, IpAddr) {
+    ("10.0.0.5".parse().unwrap(), "8.8.8.8".parse().unwrap())
+}
+
+/// A server relaying on a private address behind 1:1 NAT.
+fn nat_cfg() -> ServerConfig {
+    let (private, public) = nat_pair();
     let mut c = cfg();
     c.relay_ips = vec![private];
     c.external_ips = vec![(public, Some(private))];
-    let mut h = H::with(c);
+    c
+}
+
+#[test]
+fn nat_mapped_relays_reach_each_other_inside_and_show_public_addresses() {
+    let (private, public) = nat_pair();
+    let mut h = H::with(nat_cfg());
     let a = h.allocate_ok(client(1));
     let b = h.allocate_ok(client(2));
     assert_eq!((a.ip(), b.ip()), (public, public));
@@ -1645,12 +1655,8 @@ fn nat_mapped_relays_reach_each_other_inside_and_show_public_addresses() {
 
 #[test]
 fn xor_mapped_address_of_a_client_on_the_servers_own_address_is_mapped() {
-    let private: IpAddr = "10.0.0.5".parse().unwrap();
-    let public: IpAddr = "8.8.8.8".parse().unwrap();
-    let mut c = cfg();
-    c.relay_ips = vec![private];
-    c.external_ips = vec![(public, Some(private))];
-    let mut h = H::with(c);
+    let (private, public) = nat_pair();
+    let mut h = H::with(nat_cfg());
     let binding = |h: &mut H, remote: SocketAddr| {
         let t = h.txid();
         let req = h.build(Method::BINDING, t, None, |_| {});
