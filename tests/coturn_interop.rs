@@ -16,7 +16,6 @@ mod common;
 
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,36 +36,9 @@ const RELAY_PORTS: std::ops::RangeInclusive<u16> = 50000..=61999;
 // Tool discovery
 // ---------------------------------------------------------------------------------------------
 
-fn on_path(name: &str) -> bool {
-    let Some(path) = std::env::var_os("PATH") else {
-        return false;
-    };
-    std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join(name))
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    })
-}
-
-/// True when the coturn tools are installed. Otherwise fails the test when
-/// `TURNSERVER_REQUIRE_INTEROP=1`, and returns false (after saying so) when not.
+/// True when the coturn tools are installed (see [`common::coturn_tools`]).
 fn tools_available() -> bool {
-    let missing: Vec<&str> = [UCLIENT, PEER, STUNCLIENT]
-        .into_iter()
-        .filter(|tool| !on_path(tool))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let what = missing.join(", ");
-    if std::env::var("TURNSERVER_REQUIRE_INTEROP").as_deref() == Ok("1") {
-        panic!(
-            "TURNSERVER_REQUIRE_INTEROP=1 but {what} not installed \
-             (apt-get install coturn); the coturn interop tests cannot run"
-        );
-    }
-    eprintln!("skipping: {what} not installed (apt-get install coturn)");
-    false
+    common::coturn_tools(&[UCLIENT, PEER, STUNCLIENT])
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -552,7 +524,7 @@ fn openssl_dtls_handshake() {
     if !tools_available() {
         return;
     }
-    if !on_path("openssl") {
+    if !common::on_path("openssl") {
         assert!(
             std::env::var("TURNSERVER_REQUIRE_INTEROP").as_deref() != Ok("1"),
             "openssl is not installed (apt-get install openssl)"

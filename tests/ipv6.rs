@@ -99,20 +99,7 @@ fn address_error(c: &Client) -> Option<(u8, u16)> {
 async fn turn_client_over_ipv6_gets_an_ipv4_relay() {
     let server = start("\"127.0.0.1\", \"::1\"");
     let conn = Arc::new(tokio::net::UdpSocket::bind("[::1]:0").await.unwrap());
-    let client = turn::client::Client::new(turn::client::ClientConfig {
-        stun_serv_addr: v6_addr(&server).to_string(),
-        turn_serv_addr: v6_addr(&server).to_string(),
-        username: USER.into(),
-        password: PASSWORD.into(),
-        realm: REALM.into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .expect("client");
-    client.listen().await.expect("listen");
+    let client = common::tap::turn_client(v6_addr(&server), conn, USER, PASSWORD).await;
     let relay = tokio::time::timeout(NET, client.allocate())
         .await
         .expect("allocate in time")

@@ -29,9 +29,7 @@
 
 mod common;
 
-use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
-use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -39,12 +37,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::netns::{Lab, NsServer, in_netns, netns_available};
+use common::tap::{Tap, payload, reply_for};
 use common::{PASSWORD, REALM, USER};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::timeout;
-use turn::client::{Client, ClientConfig};
+use turn::client::Client;
 use webrtc_util::Conn;
 
 /// Limit for any single wait on the network.
@@ -354,148 +351,9 @@ impl Drop for EchoPeer {
     }
 }
 
-fn reply_for(p: &[u8]) -> Vec<u8> {
-    p.iter().rev().map(|b| b ^ 0xa5).collect()
-}
-
-/// Payload `i` of `n`: sizes spread from 1 to 1200 bytes, contents varying with `i`.
-fn payload(i: usize, n: usize) -> Vec<u8> {
-    let size = 1 + i * 1199 / (n - 1).max(1);
-    (0..size)
-        .map(|j| (i as u32 * 131 + j as u32 * 7 + (j as u32 >> 8)) as u8)
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------
 // The `turn` crate's client, over UDP and over a framed TCP stream
 // ---------------------------------------------------------------------------------------------
-
-/// A TCP connection as a `Conn` for the `turn` crate, which leaves the RFC 8656 stream framing
-/// to its `Conn`: one `recv_from` returns one STUN message or one ChannelData frame.
-struct StreamConn {
-    rd: tokio::sync::Mutex<OwnedReadHalf>,
-    wr: tokio::sync::Mutex<OwnedWriteHalf>,
-    local: SocketAddr,
-    server: SocketAddr,
-}
-
-impl StreamConn {
-    async fn do_send(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        if target != self.server {
-            return Err(webrtc_util::Error::Other(format!(
-                "client sent to {target}, not the server"
-            )));
-        }
-        let mut frame = buf.to_vec();
-        // ChannelData is padded to a multiple of 4 on streams (RFC 8656 section 12.5).
-        if buf.len() >= 4 && (0x40..=0x4f).contains(&buf[0]) {
-            frame.resize(buf.len().div_ceil(4) * 4, 0);
-        }
-        self.wr.lock().await.write_all(&frame).await?;
-        Ok(buf.len())
-    }
-
-    async fn do_recv(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let mut r = self.rd.lock().await;
-        let mut head = [0u8; 4];
-        r.read_exact(&mut head).await?;
-        let len = u16::from_be_bytes([head[2], head[3]]) as usize;
-        let total = match head[0] >> 6 {
-            0 => 20 + len,
-            1 => (4 + len).div_ceil(4) * 4,
-            _ => {
-                return Err(webrtc_util::Error::Other(format!(
-                    "undelimitable frame {head:02x?}"
-                )));
-            }
-        };
-        if total > buf.len() {
-            return Err(webrtc_util::Error::Other(format!("frame of {total} bytes")));
-        }
-        buf[..4].copy_from_slice(&head);
-        r.read_exact(&mut buf[4..total]).await?;
-        Ok((total, self.server))
-    }
-}
-
-type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-// `Conn` is an `async_trait` trait; this is what that macro expands to.
-impl Conn for StreamConn {
-    fn connect<'l0, 'at>(&'l0 self, _addr: SocketAddr) -> BoxFut<'at, webrtc_util::Result<()>>
-    where
-        'l0: 'at,
-        Self: 'at,
-    {
-        Box::pin(async { Err(webrtc_util::Error::Other("not applicable".into())) })
-    }
-
-    fn recv<'l0, 'l1, 'at>(&'l0 self, buf: &'l1 mut [u8]) -> BoxFut<'at, webrtc_util::Result<usize>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        Box::pin(async move { Ok(self.do_recv(buf).await?.0) })
-    }
-
-    fn recv_from<'l0, 'l1, 'at>(
-        &'l0 self,
-        buf: &'l1 mut [u8],
-    ) -> BoxFut<'at, webrtc_util::Result<(usize, SocketAddr)>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        Box::pin(self.do_recv(buf))
-    }
-
-    fn send<'l0, 'l1, 'at>(&'l0 self, buf: &'l1 [u8]) -> BoxFut<'at, webrtc_util::Result<usize>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        Box::pin(self.do_send(buf, self.server))
-    }
-
-    fn send_to<'l0, 'l1, 'at>(
-        &'l0 self,
-        buf: &'l1 [u8],
-        target: SocketAddr,
-    ) -> BoxFut<'at, webrtc_util::Result<usize>>
-    where
-        'l0: 'at,
-        'l1: 'at,
-        Self: 'at,
-    {
-        Box::pin(self.do_send(buf, target))
-    }
-
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.local)
-    }
-
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        Some(self.server)
-    }
-
-    fn close<'l0, 'at>(&'l0 self) -> BoxFut<'at, webrtc_util::Result<()>>
-    where
-        'l0: 'at,
-        Self: 'at,
-    {
-        Box::pin(async move {
-            self.wr.lock().await.shutdown().await?;
-            Ok(())
-        })
-    }
-
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
-    }
-}
 
 /// The public TURN address of the IPv4 lab's server.
 fn public_turn() -> SocketAddr {
@@ -515,36 +373,11 @@ fn tcp_conn(ns: &str, server: SocketAddr) -> Arc<dyn Conn + Send + Sync> {
     let stream = in_netns(ns, || std::net::TcpStream::connect_timeout(&server, NET))
         .unwrap_or_else(|e| panic!("tcp connect to {server}: {e}"));
     stream.set_nonblocking(true).unwrap();
-    stream.set_nodelay(true).unwrap();
-    let local = stream.local_addr().unwrap();
-    let (rd, wr) = tokio::net::TcpStream::from_std(stream)
-        .unwrap()
-        .into_split();
-    Arc::new(StreamConn {
-        rd: tokio::sync::Mutex::new(rd),
-        wr: tokio::sync::Mutex::new(wr),
-        local,
-        server,
-    })
+    Tap::tcp_on(tokio::net::TcpStream::from_std(stream).unwrap(), server)
 }
 
 async fn turn_client(conn: Arc<dyn Conn + Send + Sync>) -> Client {
-    let server = public_turn().to_string();
-    let client = Client::new(ClientConfig {
-        stun_serv_addr: server.clone(),
-        turn_serv_addr: server,
-        username: USER.into(),
-        password: PASSWORD.into(),
-        realm: REALM.into(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .expect("client");
-    client.listen().await.expect("listen");
-    client
+    common::tap::turn_client(public_turn(), conn, USER, PASSWORD).await
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -987,32 +820,6 @@ impl Drop for Process {
     }
 }
 
-fn on_path(name: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// True when coturn's client tools are installed; otherwise fails when
-/// `TURNSERVER_REQUIRE_INTEROP=1` and says why it skips when not.
-fn coturn_available() -> bool {
-    let missing: Vec<&str> = ["turnutils_uclient", "turnutils_peer"]
-        .into_iter()
-        .filter(|t| !on_path(t))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    let what = missing.join(", ");
-    if std::env::var("TURNSERVER_REQUIRE_INTEROP").as_deref() == Ok("1") {
-        panic!("TURNSERVER_REQUIRE_INTEROP=1 but {what} not installed (apt-get install coturn)");
-    }
-    eprintln!("skipping: {what} not installed (apt-get install coturn)");
-    false
-}
-
 /// Runs `cmd` until it exits or `deadline` passes (then it is killed): exit status (None if
 /// killed) and standard output followed by standard error.
 fn run_with_deadline(
@@ -1080,7 +887,9 @@ fn uclient_totals(text: &str) -> Option<(u64, u64, u64)> {
 /// every message must come back, and every allocation be on the server's IPv6 address.
 #[test]
 fn ipv6_only_coturn_uclient() {
-    if !netns_available("ipv6_only_coturn_uclient", false) || !coturn_available() {
+    if !netns_available("ipv6_only_coturn_uclient", false)
+        || !common::coturn_tools(&["turnutils_uclient", "turnutils_peer"])
+    {
         return;
     }
     let net = V6Lab::build();

@@ -13,7 +13,6 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -481,31 +480,6 @@ fn alternate_port_in_use_refuses_start() {
 
 const NATDISCOVERY: &str = "turnutils_natdiscovery";
 
-fn on_path(name: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
-            std::fs::metadata(dir.join(name))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
-}
-
-/// True when `turnutils_natdiscovery` is installed. Otherwise fails the test when
-/// `TURNSERVER_REQUIRE_INTEROP=1`, and returns false (after saying so) when not.
-fn natdiscovery_available() -> bool {
-    if on_path(NATDISCOVERY) {
-        return true;
-    }
-    if std::env::var("TURNSERVER_REQUIRE_INTEROP").as_deref() == Ok("1") {
-        panic!(
-            "TURNSERVER_REQUIRE_INTEROP=1 but {NATDISCOVERY} not installed \
-             (apt-get install coturn)"
-        );
-    }
-    eprintln!("skipping: {NATDISCOVERY} not installed (apt-get install coturn)");
-    false
-}
-
 /// Runs `turnutils_natdiscovery ARGS` with a deadline; its standard output and error.
 fn natdiscovery(args: &[&str]) -> String {
     let mut child = Command::new(NATDISCOVERY)
@@ -538,7 +512,7 @@ fn natdiscovery(args: &[&str]) -> String {
 /// address and port arriving (endpoint-independent filtering).
 #[test]
 fn natdiscovery_classifies_loopback_as_no_nat() {
-    if !natdiscovery_available() {
+    if !common::coturn_tools(&[NATDISCOVERY]) {
         return;
     }
     let server = start_pair("");

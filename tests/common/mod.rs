@@ -4,6 +4,7 @@
 
 pub mod browser;
 pub mod netns;
+pub mod tap;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
@@ -160,16 +161,7 @@ pub fn start_custom(make: impl Fn(u16, u16, u16) -> String, env: &[(&str, &str)]
             .stderr(Stdio::piped())
             .spawn()
             .expect("start turnserver");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = capture_stderr(&mut child);
         let server = TestServer {
             child,
             dir,
@@ -184,6 +176,47 @@ pub fn start_custom(make: impl Fn(u16, u16, u16) -> String, env: &[(&str, &str)]
         eprintln!("server did not start, retrying; log:\n{}", server.log());
     }
     panic!("turnserver did not start");
+}
+
+/// Whether `name` is an executable file in a directory of `PATH`.
+pub fn on_path(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(name))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// True when coturn's `tools` are all installed. Otherwise fails the test when
+/// `TURNSERVER_REQUIRE_INTEROP=1`, and returns false after saying what is missing when not.
+pub fn coturn_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let what = missing.join(", ");
+    if std::env::var("TURNSERVER_REQUIRE_INTEROP").as_deref() == Ok("1") {
+        panic!("TURNSERVER_REQUIRE_INTEROP=1 but {what} not installed (apt-get install coturn)");
+    }
+    eprintln!("skipping: {what} not installed (apt-get install coturn)");
+    false
+}
+
+/// Collects `child`'s standard error (piped) line by line into a shared string, on a thread.
+pub fn capture_stderr(child: &mut Child) -> Arc<Mutex<String>> {
+    let log = Arc::new(Mutex::new(String::new()));
+    let stderr = child.stderr.take().expect("stderr piped");
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut l = sink.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    log
 }
 
 /// Waits until the server logs that it relays (every listener is bound by then).

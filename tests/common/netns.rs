@@ -9,7 +9,6 @@
 //! Names carry the process id and a counter, so that labs of tests running in parallel (and of
 //! other test processes) never collide.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -346,16 +345,7 @@ impl NsServer {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start turnserver");
-        let log = Arc::new(Mutex::new(String::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut l = sink.lock().unwrap();
-                l.push_str(&line);
-                l.push('\n');
-            }
-        });
+        let log = super::capture_stderr(&mut child);
         let mut server = NsServer {
             child,
             log,
